@@ -1,0 +1,35 @@
+"""The pass registry: each name maps to where its class lives, imported only when used.
+
+Keeping this a table of strings is what lets `polaris-opt --help` start without importing
+onnxruntime, pyopencl or any pass module.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from polaris_opt.passes_api import Pass
+
+PASSES: dict[str, str] = {
+    "lift-constants": "polaris_opt.passes.lift_constants:LiftConstants",
+    "fold-constants": "polaris_opt.passes.fold_constants:FoldConstants",
+    "eliminate-identity": "polaris_opt.passes.eliminate_identity:EliminateIdentity",
+    "eliminate-dead-code": "polaris_opt.passes.eliminate_dead_code:EliminateDeadCode",
+    "fold-batchnorm": "polaris_opt.passes.fold_batchnorm:FoldBatchNorm",
+    "infer-shapes": "polaris_opt.passes.infer_shapes:InferShapes",
+}
+
+# An alias names a sequence of passes; it is printed back as written and expanded when run.
+ALIASES: dict[str, str] = {
+    # Constants first so folding sees every weight; identity before batchnorm folding so a
+    # Conv -> Identity -> BatchNormalization chain still folds; dead code after everything
+    # that leaves orphans; shapes last, on the final graph.
+    "cleanup": "lift-constants,fold-constants,eliminate-identity,fold-batchnorm,"
+    "eliminate-dead-code,infer-shapes",
+}
+
+
+def load_pass(name: str) -> type[Pass]:
+    """The class registered under `name`; KeyError when there is none."""
+    module_name, class_name = PASSES[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)

@@ -1,0 +1,308 @@
+"""Load and save ONNX models safely: external data checked, atomic writes, IR version clamped.
+
+Models, like recipes and data, may come from strangers (DESIGN.md §10): external-data
+locations that leave the model's folder are refused before anything is read, and a save
+either leaves a complete file at the target or nothing at all.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+
+from polaris_opt import __version__
+from polaris_opt.errors import BadInput
+
+MIN_OPSET = 11
+# Protobuf cannot serialise a message above 2 GiB; beyond this, tensors must go to a side file.
+PROTOBUF_LIMIT = 2**31 - 1
+# Tensors smaller than this stay inside the .onnx file when saving with external data.
+EXTERNAL_DATA_THRESHOLD = 1024
+METADATA_VERSION_KEY = "polaris-opt.version"
+METADATA_PIPELINE_KEY = "polaris-opt.pipeline"
+
+
+# --------------------------------------------------------------------------------------- load
+
+
+def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Read an ONNX file, with its external data, refusing anything malformed or unsafe."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"{path}: no such file")
+    if not path.is_file():
+        raise BadInput(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise BadInput(f"{path}: empty file, not an ONNX model")
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError) as exc:
+        raise BadInput(f"{path}: not an ONNX model (protobuf parse failed: {exc})") from None
+    _check_looks_like_model(model, path)
+    if load_external_data:
+        _load_external_data(model, path.parent)
+    _check_model(model, path)
+    return model
+
+
+def _check_looks_like_model(model: onnx.ModelProto, path: Path) -> None:
+    # Random bytes often parse as a protobuf with unknown fields; a model has opsets and a graph.
+    if not model.opset_import or not model.HasField("graph"):
+        raise BadInput(
+            f"{path}: not an ONNX model (no graph or opset_import; truncated or wrong file?)"
+        )
+    opset = default_opset(model)
+    if opset < MIN_OPSET:
+        raise BadInput(
+            f"{path}: opset {opset} is older than {MIN_OPSET}, the oldest polaris-opt reads; "
+            "upgrade it with onnx.version_converter.convert_version"
+        )
+
+
+def _check_model(model: onnx.ModelProto, path: Path) -> None:
+    try:
+        if tensor_bytes(model) < PROTOBUF_LIMIT:
+            onnx.checker.check_model(model)
+        else:
+            onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        first_line = str(exc).strip().splitlines()[0]
+        raise BadInput(
+            f"{path}: invalid ONNX model ({first_line}); truncated or corrupt?"
+        ) from None
+
+
+def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto in a graph and its sub-graphs: initializers, sparse parts, attributes."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from iter_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from iter_tensors(sub)
+
+
+def iter_model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    yield from iter_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+
+
+def _external_fields(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    base = base_dir.resolve()
+    for tensor in iter_model_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        fields = _external_fields(tensor)
+        data_path = _safe_external_path(fields.get("location", ""), base, tensor.name)
+        offset = int(fields.get("offset", 0))
+        length = int(fields["length"]) if "length" in fields else data_path.stat().st_size - offset
+        if offset < 0 or length < 0 or offset + length > data_path.stat().st_size:
+            raise BadInput(
+                f"tensor '{tensor.name}': external data range {offset}+{length} lies beyond the "
+                f"end of {data_path.name} ({data_path.stat().st_size} bytes); truncated data file?"
+            )
+        with open(data_path, "rb") as handle:
+            handle.seek(offset)
+            tensor.raw_data = handle.read(length)
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def _safe_external_path(location: str, base: Path, tensor_name: str) -> Path:
+    if not location:
+        raise BadInput(f"tensor '{tensor_name}': external data without a location")
+    candidate = Path(location)
+    # A crafted model could point at /etc/shadow or ../../secret; never read outside its folder.
+    resolved = (base / candidate).resolve()
+    if candidate.is_absolute() or not resolved.is_relative_to(base):
+        raise BadInput(
+            f"tensor '{tensor_name}': external data location '{location}' is outside the "
+            "model's folder; refused"
+        )
+    if not resolved.is_file():
+        raise BadInput(f"tensor '{tensor_name}': external data file '{location}' is missing")
+    return resolved
+
+
+# --------------------------------------------------------------------------------------- save
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor payload held in the proto (cheap: no serialisation)."""
+    total = 0
+    for tensor in iter_model_tensors(model):
+        total += len(tensor.raw_data) or _typed_field_bytes(tensor)
+    return total
+
+
+def _typed_field_bytes(tensor: onnx.TensorProto) -> int:
+    if (
+        tensor.data_location == onnx.TensorProto.EXTERNAL
+        or tensor.data_type == onnx.TensorProto.STRING
+    ):
+        return 0
+    count = int(np.prod(tensor.dims)) if tensor.dims else 1
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def check_output_path(output: str | os.PathLike, *, input_path=None, force: bool = False) -> Path:
+    """Refuse an output we cannot write, or one that is the input, before any work is done."""
+    output = Path(output)
+    if output.is_dir():
+        raise BadInput(f"{output}: is a folder; give a file name for the output model")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise BadInput(f"{output}: cannot write, folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise BadInput(f"{output}: cannot write, folder {parent} is not writable")
+    if input_path is not None and output.exists() and not force:
+        if output.resolve() == Path(input_path).resolve():
+            raise BadInput(
+                f"{output}: refusing to overwrite the input model; pass --force to do so"
+            )
+    return output
+
+
+@functools.cache
+def max_ir_version_for_ort() -> int:
+    """The newest IR version the installed ONNX Runtime loads (onnx may write newer ones)."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", MIN_OPSET)])
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    for ir_version in range(onnx.IR_VERSION, 6, -1):
+        probe.ir_version = ir_version
+        try:
+            ort.InferenceSession(
+                probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
+            return ir_version
+        except Exception:  # noqa: BLE001 - ORT raises its own types; any failure means "too new"
+            continue
+    return 7
+
+
+def stamp_metadata(model: onnx.ModelProto, pipeline: str | None) -> None:
+    """Record who made the file and how, replacing an earlier polaris-opt stamp."""
+    keep = [p for p in model.metadata_props if not p.key.startswith("polaris-opt.")]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    onnx.helper.set_model_props(
+        model,
+        {**{p.key: p.value for p in keep}, METADATA_VERSION_KEY: __version__}
+        | ({METADATA_PIPELINE_KEY: pipeline} if pipeline is not None else {}),
+    )
+
+
+def save_model(
+    model: onnx.ModelProto,
+    output: str | os.PathLike,
+    *,
+    pipeline: str | None = None,
+    external_data: bool | None = None,
+    input_path=None,
+    force: bool = False,
+) -> Path:
+    """Write `model` atomically: a complete file appears at `output`, or nothing changes.
+
+    `external_data=None` decides by size (side file above protobuf's 2 GiB limit). The IR version
+    is lowered to what the installed ONNX Runtime loads; `pipeline` goes into metadata_props.
+    """
+    output = check_output_path(output, input_path=input_path, force=force)
+    to_write = onnx.ModelProto()
+    to_write.CopyFrom(model)
+    to_write.ir_version = min(to_write.ir_version or onnx.IR_VERSION, max_ir_version_for_ort())
+    to_write.producer_name = "polaris-opt"
+    to_write.producer_version = __version__
+    stamp_metadata(to_write, pipeline)
+    if external_data is None:
+        external_data = tensor_bytes(to_write) >= PROTOBUF_LIMIT
+    parent = output.parent if str(output.parent) else Path(".")
+    try:
+        with tempfile.TemporaryDirectory(dir=parent, prefix=f".{output.name}.") as staging:
+            staged = Path(staging) / output.name
+            data_name = f"{output.name}.data" if external_data else None
+            _write_staged(to_write, staged, data_name)
+            # Data first, then the model that points at it: a reader never sees a dangling model.
+            if data_name:
+                os.replace(Path(staging) / data_name, parent / data_name)
+            os.replace(staged, output)
+    except OSError as exc:
+        raise BadInput(f"{output}: cannot write ({exc.strerror or exc})") from None
+    return output
+
+
+def _write_staged(model: onnx.ModelProto, staged: Path, data_name: str | None) -> None:
+    if data_name is None:
+        with open(staged, "wb") as handle:
+            handle.write(model.SerializeToString())
+            handle.flush()
+            os.fsync(handle.fileno())
+        return
+    onnx.save_model(
+        model,
+        str(staged),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_name,
+        size_threshold=EXTERNAL_DATA_THRESHOLD,
+    )
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            return opset.version
+    return 0
+
+
+# ------------------------------------------------------------------------- onnx-graphsurgeon
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    """The IR every pass works on."""
+    return gs.import_onnx(model)
+
+
+def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export `graph`, carrying over what graphsurgeon does not keep (metadata, docs, IR version)."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = template.ir_version
+    model.producer_name = template.producer_name
+    model.producer_version = template.producer_version
+    model.domain = template.domain
+    model.model_version = template.model_version
+    model.doc_string = template.doc_string
+    model.metadata_props.extend(template.metadata_props)
+    return model
