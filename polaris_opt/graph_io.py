@@ -56,9 +56,7 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
 def _check_looks_like_model(model: onnx.ModelProto, path: Path) -> None:
     # Random bytes often parse as a protobuf with unknown fields; a model has opsets and a graph.
     if not model.opset_import or not model.HasField("graph"):
-        raise BadInput(
-            f"{path}: not an ONNX model (no graph or opset_import; truncated or wrong file?)"
-        )
+        raise BadInput(f"{path}: not an ONNX model (no graph or opset_import; truncated or wrong file?)")
     opset = default_opset(model)
     if opset < MIN_OPSET:
         raise BadInput(
@@ -75,9 +73,7 @@ def _check_model(model: onnx.ModelProto, path: Path) -> None:
             onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         first_line = str(exc).strip().splitlines()[0]
-        raise BadInput(
-            f"{path}: invalid ONNX model ({first_line}); truncated or corrupt?"
-        ) from None
+        raise BadInput(f"{path}: invalid ONNX model ({first_line}); truncated or corrupt?") from None
 
 
 def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -159,10 +155,7 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
 
 
 def _typed_field_bytes(tensor: onnx.TensorProto) -> int:
-    if (
-        tensor.data_location == onnx.TensorProto.EXTERNAL
-        or tensor.data_type == onnx.TensorProto.STRING
-    ):
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type == onnx.TensorProto.STRING:
         return 0
     count = int(np.prod(tensor.dims)) if tensor.dims else 1
     return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
@@ -180,9 +173,7 @@ def check_output_path(output: str | os.PathLike, *, input_path=None, force: bool
         raise BadInput(f"{output}: cannot write, folder {parent} is not writable")
     if input_path is not None and output.exists() and not force:
         if output.resolve() == Path(input_path).resolve():
-            raise BadInput(
-                f"{output}: refusing to overwrite the input model; pass --force to do so"
-            )
+            raise BadInput(f"{output}: refusing to overwrite the input model; pass --force to do so")
     return output
 
 
@@ -204,9 +195,7 @@ def max_ir_version_for_ort() -> int:
     for ir_version in range(onnx.IR_VERSION, 6, -1):
         probe.ir_version = ir_version
         try:
-            ort.InferenceSession(
-                probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
-            )
+            ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
             return ir_version
         except Exception:  # noqa: BLE001 - ORT raises its own types; any failure means "too new"
             continue
@@ -255,7 +244,8 @@ def save_model(
             data_name = f"{output.name}.data" if external_data else None
             _write_staged(to_write, staged, data_name)
             # Data first, then the model that points at it: a reader never sees a dangling model.
-            if data_name:
+            # Tensors under the size threshold stay inline, so there may be no side file.
+            if data_name and (Path(staging) / data_name).exists():
                 os.replace(Path(staging) / data_name, parent / data_name)
             os.replace(staged, output)
     except OSError as exc:

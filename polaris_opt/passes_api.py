@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
 
 
-
 Stat = int | float | str
 
 

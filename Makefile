@@ -1,0 +1,42 @@
+# polaris-opt: `make demo` sets everything up and runs the main job; `make test` runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/polaris-opt
+# The install is redone only when pyproject.toml changes.
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test bench lint format models clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	@mkdir -p build
+	$(CLI) compile models/resnet_s.onnx --pipeline cleanup --verify numeric -o build/resnet_s.clean.onnx
+	$(CLI) inspect build/resnet_s.clean.onnx --top 8
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# Rebuilding the zoo trains the digits models, which needs scikit-learn's bundled digits data.
+models: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,zoo]"
+	$(PY) models/build_zoo.py --out models
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache

@@ -1,0 +1,15 @@
+"""Options shared by several commands, declared once as Annotated aliases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+DebugFlag = Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logging.")]
+ModelArg = Annotated[Path, typer.Argument(help="An ONNX model file.", show_default=False)]
+OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Where to write the result.")]
+ForceFlag = Annotated[bool, typer.Option("--force", help="Allow the output to overwrite the input model.")]
