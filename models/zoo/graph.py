@@ -26,7 +26,7 @@ Dim = int | str
 
 
 def param_name(scope: str, field: str) -> str:
-    """"/layer1/0/conv1", "weight" -> "layer1.0.conv1.weight" (PyTorch state-dict spelling)."""
+    """ "/layer1/0/conv1", "weight" -> "layer1.0.conv1.weight" (PyTorch state-dict spelling)."""
     prefix = scope.strip("/").replace("/", ".")
     return f"{prefix}.{field}" if prefix else field
 
@@ -82,9 +82,7 @@ class GraphBuilder:
         return self.op("Constant", [], scope, value=numpy_helper.from_array(np.asarray(value)))
 
     def model(self, graph_name: str, doc: str = "") -> onnx.ModelProto:
-        graph = helper.make_graph(
-            self.nodes, graph_name, self.inputs, self.outputs, self.initializers
-        )
+        graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)
         model = helper.make_model(
             graph,
             opset_imports=[helper.make_opsetid("", OPSET)],
@@ -108,10 +106,7 @@ def count_parameters(model: onnx.ModelProto) -> int:
     """Elements of floating-point initializers (weights, biases and BN statistics);
     integer shape constants are not parameters."""
     floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
-    return sum(
-        int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer
-        if t.data_type in floats
-    )
+    return sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer if t.data_type in floats)
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -28,10 +28,12 @@ def random_conv(rng: np.random.Generator, c_out: int, c_in: int, k: int, group: 
     return he_normal(rng, (c_out, c_in // group, k, k), fan_in=c_in // group * k * k)
 
 
-def random_batch_norm(rng: np.random.Generator, channels: int) -> BatchNorm:
-    """Non-trivial statistics, so a BN fold that ignores one of them shows up numerically."""
+def random_batch_norm(rng: np.random.Generator, channels: int, gain: float = 1.0) -> BatchNorm:
+    """Non-trivial statistics, so a BN fold that ignores one of them shows up numerically.
+    `gain` scales gamma: residual branches use < 1 so the residual stream does not blow up
+    (the statistics are random, so BN does not actually renormalize anything)."""
     return BatchNorm(
-        scale=rng.uniform(0.8, 1.2, channels).astype(np.float32),
+        scale=(gain * rng.uniform(0.8, 1.2, channels)).astype(np.float32),
         bias=(rng.standard_normal(channels) * 0.1).astype(np.float32),
         mean=(rng.standard_normal(channels) * 0.1).astype(np.float32),
         var=rng.uniform(0.5, 1.5, channels).astype(np.float32),
@@ -54,8 +56,13 @@ def conv(
     if bias is not None:
         inputs.append(b.param(scope, "bias", bias))
     return b.op(
-        "Conv", inputs, scope,
-        dilations=[1, 1], group=group, kernel_shape=[k, k], pads=[k // 2] * 4,
+        "Conv",
+        inputs,
+        scope,
+        dilations=[1, 1],
+        group=group,
+        kernel_shape=[k, k],
+        pads=[k // 2] * 4,
         strides=[stride, stride],
     )
 
@@ -72,9 +79,7 @@ def batch_norm(b: GraphBuilder, x: str, scope: str, bn: BatchNorm) -> str:
     return b.op("BatchNormalization", inputs, scope, epsilon=bn.eps, momentum=0.9)
 
 
-def linear(
-    b: GraphBuilder, x: str, scope: str, weight: np.ndarray, bias: np.ndarray, out: str = ""
-) -> str:
+def linear(b: GraphBuilder, x: str, scope: str, weight: np.ndarray, bias: np.ndarray, out: str = "") -> str:
     """nn.Linear on a 2-D input exports as Gemm with the weight kept [out, in] (transB=1)."""
     inputs = [x, b.param(scope, "weight", weight), b.param(scope, "bias", bias)]
     outputs = [out] if out else None
@@ -105,11 +110,13 @@ def conv_bn(
     group: int = 1,
     conv_name: str = "conv",
     bn_name: str = "bn",
+    bn_gain: float = 1.0,
 ) -> str:
     """Random-init Conv (no bias, as before a BN) followed by its BatchNormalization."""
-    y = conv(b, x, f"{scope}/{conv_name}", random_conv(rng, c_out, c_in, k, group),
-             stride=stride, group=group)
-    return batch_norm(b, y, f"{scope}/{bn_name}", random_batch_norm(rng, c_out))
+    y = conv(
+        b, x, f"{scope}/{conv_name}", random_conv(rng, c_out, c_in, k, group), stride=stride, group=group
+    )
+    return batch_norm(b, y, f"{scope}/{bn_name}", random_batch_norm(rng, c_out, bn_gain))
 
 
 def classifier_head(

@@ -17,6 +17,9 @@ CLASSES = 10
 
 RESNET_STAGES = ((16, 1), (32, 2), (64, 2))  # (channels, stride of the first block)
 RESNET_BLOCKS = 2
+# gamma gain of the BN that closes a residual branch; < 1 keeps the residual stream's scale
+# from doubling at every block of a random-init network ("small init of the last BN").
+RESIDUAL_GAIN = 0.3
 
 # (expansion t, output channels c, repeats n, first stride s), as in the MobileNetV2 paper
 MOBILENET_SETTINGS = ((1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 2), (4, 64, 2, 2))
@@ -36,11 +39,22 @@ def basic_block(b: GraphBuilder, rng, x: str, scope: str, c_in: int, c_out: int,
     changes), then ReLU."""
     y = conv_bn(b, rng, x, scope, c_in, c_out, 3, stride=stride, conv_name="conv1", bn_name="bn1")
     y = relu(b, y, f"{scope}/relu")
-    y = conv_bn(b, rng, y, scope, c_out, c_out, 3, conv_name="conv2", bn_name="bn2")
+    y = conv_bn(b, rng, y, scope, c_out, c_out, 3, conv_name="conv2", bn_name="bn2", bn_gain=RESIDUAL_GAIN)
     shortcut = x
     if stride != 1 or c_in != c_out:
-        shortcut = conv_bn(b, rng, x, f"{scope}/downsample", c_in, c_out, 1, stride=stride,
-                           conv_name="0", bn_name="1")
+        shortcut = conv_bn(
+            b,
+            rng,
+            x,
+            f"{scope}/downsample",
+            c_in,
+            c_out,
+            1,
+            stride=stride,
+            conv_name="0",
+            bn_name="1",
+            bn_gain=RESIDUAL_GAIN,
+        )
     return relu(b, b.op("Add", [y, shortcut], scope), f"{scope}/relu")
 
 
@@ -52,8 +66,7 @@ def build_resnet(rng: np.random.Generator) -> tuple[onnx.ModelProto, dict[str, n
     y = relu(b, y, "/relu")
     for stage, (c_out, stride) in enumerate(RESNET_STAGES, start=1):
         for block in range(RESNET_BLOCKS):
-            y = basic_block(b, rng, y, f"/layer{stage}/{block}", c_in, c_out,
-                            stride if block == 0 else 1)
+            y = basic_block(b, rng, y, f"/layer{stage}/{block}", c_in, c_out, stride if block == 0 else 1)
             c_in = c_out
     y = classifier_head(b, rng, y, "/fc", c_in, CLASSES)
     b.output(y, ["batch", CLASSES])
@@ -64,16 +77,17 @@ def build_resnet(rng: np.random.Generator) -> tuple[onnx.ModelProto, dict[str, n
 # --- MobileNetV2 ----------------------------------------------------------------------------
 
 
-def conv_bn_relu6(b: GraphBuilder, rng, x: str, scope: str, c_in: int, c_out: int, k: int,
-                  stride: int = 1, group: int = 1) -> str:
+def conv_bn_relu6(
+    b: GraphBuilder, rng, x: str, scope: str, c_in: int, c_out: int, k: int, stride: int = 1, group: int = 1
+) -> str:
     """torchvision's Conv2dNormActivation: children 0 (conv), 1 (bn), 2 (ReLU6)."""
-    y = conv_bn(b, rng, x, scope, c_in, c_out, k, stride=stride, group=group,
-                conv_name="0", bn_name="1")
+    y = conv_bn(b, rng, x, scope, c_in, c_out, k, stride=stride, group=group, conv_name="0", bn_name="1")
     return relu6(b, y, f"{scope}/2")
 
 
-def inverted_residual(b: GraphBuilder, rng, x: str, scope: str, c_in: int, c_out: int,
-                      stride: int, expand: int) -> str:
+def inverted_residual(
+    b: GraphBuilder, rng, x: str, scope: str, c_in: int, c_out: int, stride: int, expand: int
+) -> str:
     """1x1 expand (skipped when t=1) -> depthwise 3x3 -> linear 1x1 project (+ residual)."""
     hidden, y, index = c_in * expand, x, 0
     if expand != 1:
@@ -82,8 +96,9 @@ def inverted_residual(b: GraphBuilder, rng, x: str, scope: str, c_in: int, c_out
     y = conv_bn_relu6(b, rng, y, f"{scope}/conv/{index}", hidden, hidden, 3, stride, hidden)
     # The projection has no activation: a ReLU here would destroy information (the paper's
     # "linear bottleneck").
-    y = conv_bn(b, rng, y, f"{scope}/conv", hidden, c_out, 1,
-                conv_name=str(index + 1), bn_name=str(index + 2))
+    y = conv_bn(
+        b, rng, y, f"{scope}/conv", hidden, c_out, 1, conv_name=str(index + 1), bn_name=str(index + 2)
+    )
     if stride == 1 and c_in == c_out:
         y = b.op("Add", [x, y], scope)
     return y
@@ -96,8 +111,9 @@ def build_mobilenetv2(rng: np.random.Generator) -> tuple[onnx.ModelProto, dict[s
     c_in, index = MOBILENET_STEM, 1
     for expand, c_out, repeats, stride in MOBILENET_SETTINGS:
         for r in range(repeats):
-            y = inverted_residual(b, rng, y, f"/features/{index}", c_in, c_out,
-                                  stride if r == 0 else 1, expand)
+            y = inverted_residual(
+                b, rng, y, f"/features/{index}", c_in, c_out, stride if r == 0 else 1, expand
+            )
             c_in, index = c_out, index + 1
     y = conv_bn_relu6(b, rng, y, f"/features/{index}", c_in, MOBILENET_LAST, 1)
     y = classifier_head(b, rng, y, "/classifier/1", MOBILENET_LAST, CLASSES)
