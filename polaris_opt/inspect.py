@@ -20,8 +20,20 @@ from onnx import numpy_helper
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 # Types narrower than a byte are packed; bytes on disk are elements * bits / 8, not itemsize.
-_SUBBYTE_BITS = {"INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "INT2": 2, "UINT2": 2, "FLOAT6E2M3": 6, "FLOAT6E3M2": 6}
-_SUBBYTE_BITS = {getattr(onnx.TensorProto, k): v for k, v in _SUBBYTE_BITS.items() if hasattr(onnx.TensorProto, k)}
+# (The 2- and 6-bit types only exist in newer onnx releases, hence the getattr.)
+_SUBBYTE_BITS = {
+    getattr(onnx.TensorProto, type_name): bits
+    for type_name, bits in [
+        ("INT4", 4),
+        ("UINT4", 4),
+        ("FLOAT4E2M1", 4),
+        ("INT2", 2),
+        ("UINT2", 2),
+        ("FLOAT6E2M3", 6),
+        ("FLOAT6E3M2", 6),
+    ]
+    if hasattr(onnx.TensorProto, type_name)
+}
 
 
 def summarize(model: onnx.ModelProto, path: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -33,6 +45,7 @@ def summarize(model: onnx.ModelProto, path: str | os.PathLike | None = None) -> 
     initializer_names = {t.name for t in graph.initializer}
     return {
         "model": _model_info(model),
+        "file": str(path) if path is not None else None,
         "file_bytes": Path(path).stat().st_size if path is not None else None,
         "inputs": [_value_row(v) for v in graph.input if v.name not in initializer_names],
         "outputs": [_value_row(v) for v in graph.output],
@@ -46,7 +59,7 @@ def summarize(model: onnx.ModelProto, path: str | os.PathLike | None = None) -> 
 
 
 def op_key(node: onnx.NodeProto) -> str:
-    """"Conv" for the default ONNX domain, "com.microsoft::Attention" for any other."""
+    """ "Conv" for the default ONNX domain, "com.microsoft::Attention" for any other."""
     return node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}::{node.op_type}"
 
 
@@ -54,7 +67,10 @@ def _model_info(model: onnx.ModelProto) -> dict[str, Any]:
     producer = " ".join(p for p in (model.producer_name, model.producer_version) if p)
     return {
         "ir_version": model.ir_version,
-        "opsets": {(o.domain if o.domain not in DEFAULT_DOMAINS else "ai.onnx"): o.version for o in model.opset_import},
+        "opsets": {
+            (o.domain if o.domain not in DEFAULT_DOMAINS else "ai.onnx"): o.version
+            for o in model.opset_import
+        },
         "producer": producer or None,
         "graph_name": model.graph.name,
         "metadata_props": {p.key: p.value for p in model.metadata_props},
@@ -118,13 +134,14 @@ def _tensor_rows(graph: onnx.GraphProto) -> Iterator[dict[str, Any]]:
 
 def _dense_row(tensor: onnx.TensorProto, name: str, source: str, in_subgraph: bool) -> dict[str, Any]:
     elements = math.prod(tensor.dims)
+    nonzeros = _count_nonzeros(tensor)
     return {
         "name": name,
         "shape": list(tensor.dims),
         "dtype": dtype_name(tensor.data_type),
         "elements": elements,
         "bytes": _stored_bytes(tensor.data_type, elements),
-        "sparsity": _zero_fraction(tensor, elements),
+        "sparsity": _zero_fraction(nonzeros, elements),
         "source": source,
         "in_subgraph": in_subgraph,
     }
@@ -132,16 +149,14 @@ def _dense_row(tensor: onnx.TensorProto, name: str, source: str, in_subgraph: bo
 
 def _sparse_row(sparse: onnx.SparseTensorProto, in_subgraph: bool) -> dict[str, Any]:
     # Parameters are counted dense (what the layer holds); bytes are what the file stores.
-    name = sparse.values.name
-    row = _dense_row(sparse.values, name, "sparse_initializer", in_subgraph)
-    stored_nonzeros = row["elements"] * (1.0 - (row["sparsity"] or 0.0))
+    row = _dense_row(sparse.values, sparse.values.name, "sparse_initializer", in_subgraph)
     dense_elements = math.prod(sparse.dims)
-    index_elements = math.prod(sparse.indices.dims)
+    index_bytes = _stored_bytes(sparse.indices.data_type, math.prod(sparse.indices.dims))
     row.update(
         shape=list(sparse.dims),
         elements=dense_elements,
-        bytes=row["bytes"] + _stored_bytes(sparse.indices.data_type, index_elements),
-        sparsity=1.0 - stored_nonzeros / dense_elements if dense_elements else 0.0,
+        bytes=row["bytes"] + index_bytes,
+        sparsity=_zero_fraction(_count_nonzeros(sparse.values), dense_elements),
     )
     return row
 
@@ -169,14 +184,17 @@ def _stored_bytes(data_type: int, elements: int) -> int:
     return elements * onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
 
 
-def _zero_fraction(tensor: onnx.TensorProto, elements: int) -> float | None:
-    """Fraction of exact zeros, or None where it cannot be read (strings, unloaded external data)."""
-    if elements == 0:
-        return 0.0
+def _count_nonzeros(tensor: onnx.TensorProto) -> int | None:
+    """Elements that are not exactly zero, or None where unreadable (strings, unloaded external data)."""
     if tensor.data_type == onnx.TensorProto.STRING or tensor.data_location == onnx.TensorProto.EXTERNAL:
         return None
-    array = numpy_helper.to_array(tensor)
-    return 1.0 - np.count_nonzero(array) / elements
+    return int(np.count_nonzero(numpy_helper.to_array(tensor)))
+
+
+def _zero_fraction(nonzeros: int | None, elements: int) -> float | None:
+    if nonzeros is None:
+        return None
+    return (elements - nonzeros) / elements if elements else 0.0
 
 
 def _parameter_totals(rows: list[dict[str, Any]]) -> dict[str, Any]:

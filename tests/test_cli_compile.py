@@ -177,3 +177,15 @@ def test_debug_shows_the_traceback(tmp_path):
     bad = bad_files(tmp_path)["empty"]
     result = polaris("--debug", "compile", bad, "-p", "cleanup", "-o", tmp_path / "o.onnx")
     assert result.returncode == 2 and "Traceback" in result.stderr
+
+
+def test_passes_lists_every_pass_with_its_options():
+    from polaris_opt.passes import ALIASES, PASSES
+
+    result = polaris("passes", "--json")
+    assert result.returncode == 0, result.stderr
+    listed = json.loads(result.stdout)
+    assert [row["name"] for row in listed["passes"]] == list(PASSES)
+    assert [row["name"] for row in listed["aliases"]] == list(ALIASES)
+    fold = next(row for row in listed["passes"] if row["name"] == "fold-constants")
+    assert "max-size-mb: float = 64.0" in fold["options"]

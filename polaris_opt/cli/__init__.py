@@ -43,16 +43,18 @@ def root(
     ),
 ) -> None:
     """An optimizing compiler for ONNX models: clean-up, quantization, pruning, sparse rewrite."""
-    OUTPUT.merged(json=json, quiet=quiet, debug=debug)
+    # Reset, not merge: an in-process caller (tests, scripts) may run several commands.
+    OUTPUT.json, OUTPUT.quiet, OUTPUT.debug = json, quiet, debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
 
 
 def _register_commands() -> None:
-    from polaris_opt.cli import compile_cmd, devices_cmd, inspect_cmd
+    from polaris_opt.cli import compile_cmd, devices_cmd, inspect_cmd, passes_cmd
 
+    app.command("compile")(compile_cmd.compile)
     app.command("inspect")(inspect_cmd.inspect)
     app.command("devices")(devices_cmd.devices)
-    app.command("compile")(compile_cmd.compile)
+    app.command("passes")(passes_cmd.passes)
 
 
 _register_commands()

@@ -13,3 +13,8 @@ DebugFlag = Annotated[bool, typer.Option("--debug", help="Show tracebacks and de
 ModelArg = Annotated[Path, typer.Argument(help="An ONNX model file.", show_default=False)]
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Where to write the result.")]
 ForceFlag = Annotated[bool, typer.Option("--force", help="Allow the output to overwrite the input model.")]
+# Read from POLARIS_DEVICE here, in the CLI layer only: the library takes the spec as an argument.
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option("--device", envvar="POLARIS_DEVICE", help="OpenCL device: an index or a name substring."),
+]
