@@ -282,7 +282,48 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
     """The IR every pass works on."""
+    sparse_constants = [node for node in _all_nodes(model.graph) if _sparse_value(node) is not None]
+    if sparse_constants:
+        # graphsurgeon drops a Constant's `sparse_value` on import, leaving a node with no value.
+        model = _with_dense_constants(model)
     return gs.import_onnx(model)
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in _attr_graphs(attr):
+                yield from _all_nodes(sub)
+
+
+def _sparse_value(node: onnx.NodeProto) -> onnx.AttributeProto | None:
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    return next((attr for attr in node.attribute if attr.name == "sparse_value"), None)
+
+
+def _with_dense_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    dense = onnx.ModelProto()
+    dense.CopyFrom(model)
+    for node in _all_nodes(dense.graph):
+        attr = _sparse_value(node)
+        if attr is not None:
+            value = onnx.numpy_helper.from_array(densify(attr.sparse_tensor), node.output[0])
+            node.attribute.remove(attr)
+            node.attribute.append(onnx.helper.make_attribute("value", value))
+    return dense
+
+
+def densify(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    """The dense array of a SparseTensorProto (COO indices, linear [NNZ] or [NNZ, rank])."""
+    values = onnx.numpy_helper.to_array(sparse.values)
+    indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
+    dense = np.zeros(int(np.prod(sparse.dims)), dtype=values.dtype)
+    if indices.ndim == 2:
+        indices = np.ravel_multi_index(indices.T, tuple(sparse.dims))
+    dense[indices] = values
+    return dense.reshape(tuple(sparse.dims))
 
 
 def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
@@ -295,4 +336,32 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model.model_version = template.model_version
     model.doc_string = template.doc_string
     model.metadata_props.extend(template.metadata_props)
+    _dedupe_subgraph_initializers(model.graph, outer=set())
     return model
+
+
+def _dedupe_subgraph_initializers(graph: onnx.GraphProto, outer: set[str]) -> None:
+    """Undo graphsurgeon's copies of outer-scope weights into every sub-graph that reads them.
+
+    A weight already visible from an enclosing graph is dropped from the sub-graph; one copied
+    into several sibling sub-graphs (both branches of an If) moves up once into this graph.
+    """
+    visible = outer | {tensor.name for tensor in graph.initializer}
+    children = [sub for node in graph.node for attr in node.attribute for sub in _attr_graphs(attr)]
+    seen: dict[str, onnx.TensorProto] = {}
+    shared = set()
+    for sub in children:
+        for tensor in sub.initializer:
+            shared.update([tensor.name] if tensor.name in seen else [])
+            seen.setdefault(tensor.name, tensor)
+    for name in sorted(shared - visible):
+        graph.initializer.append(seen[name])
+    visible |= shared
+    for sub in children:
+        for tensor in [t for t in sub.initializer if t.name in visible]:
+            sub.initializer.remove(tensor)
+        _dedupe_subgraph_initializers(sub, visible)
+
+
+def _attr_graphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    return ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)

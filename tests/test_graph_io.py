@@ -155,7 +155,9 @@ def test_save_clamps_ir_version_to_what_onnxruntime_loads(tmp_path):
     saved = onnx.load(out)
     assert saved.ir_version == max_ir_version_for_ort()
     x = np.ones((2, 3), np.float32)
-    np.testing.assert_allclose(run_model(saved, {"x": x})["y"], x @ np.arange(12, dtype=np.float32).reshape(3, 4))
+    np.testing.assert_allclose(
+        run_model(saved, {"x": x})["y"], x @ np.arange(12, dtype=np.float32).reshape(3, 4)
+    )
 
 
 def test_save_does_not_touch_the_callers_model(tmp_path):
@@ -216,3 +218,58 @@ def test_save_refuses_to_overwrite_the_input_unless_forced(tmp_path):
     assert path.read_bytes() == original
     save_model(tiny_model(), path, input_path=path, force=True)
     assert onnx.load(path).producer_name == "polaris-opt"
+
+
+def test_round_trip_keeps_a_weight_read_only_by_if_branches_once():
+    weight = np.arange(4, dtype=np.float32)
+    branch = lambda name, op: helper.make_graph(  # noqa: E731
+        [helper.make_node(op, ["x", "w"], [f"{name}_y"])],
+        name,
+        [],
+        [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [4])],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "If", ["cond"], ["y"], then_branch=branch("then", "Add"), else_branch=branch("else", "Mul")
+            )
+        ],
+        "if_outer_weight",
+        [
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    out = graph_io.to_model(graph_io.to_graph(model), model)
+    names = [
+        [t.name for t in g.initializer] for g in (out.graph, *(a.g for a in out.graph.node[0].attribute))
+    ]
+    assert names == [["w"], [], []]
+    onnx.checker.check_model(out, full_check=True)
+    x = np.ones(4, np.float32)
+    for cond, expected in ((True, x + weight), (False, x * weight)):
+        got = run_model(out, {"cond": np.array(cond), "x": x})["y"]
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("linear", [True, False])
+def test_a_sparse_constant_survives_the_round_trip_as_a_dense_one(linear):
+    values = numpy_helper.from_array(np.array([1.5, -2.0], np.float32), "v")
+    coords = np.array([1, 5], np.int64) if linear else np.array([[0, 1], [1, 2]], np.int64)
+    sparse = helper.make_sparse_tensor(values, numpy_helper.from_array(coords, "i"), [2, 3])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["c"], sparse_value=sparse),
+            helper.make_node("Add", ["x", "c"], ["y"]),
+        ],
+        "sparse_constant",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    out = graph_io.to_model(graph_io.to_graph(model), model)
+    x = np.zeros((2, 3), np.float32)
+    np.testing.assert_array_equal(run_model(out, {"x": x})["y"], [[0, 1.5, 0], [0, 0, -2.0]])
