@@ -1,7 +1,7 @@
 """Shared measuring tools: fresh child processes, interleaved runs, medians, machine facts.
 
-Each contender runs in its own Python process so peak RSS is its own (`ru_maxrss` of the
-child itself), and contenders alternate A B A B ... so drift on a shared machine cancels.
+Each contender runs in its own Python process so peak RSS is its own (VmHWM of the child
+itself), and contenders alternate A B A B ... so drift on a shared machine cancels.
 """
 
 from __future__ import annotations
@@ -20,12 +20,15 @@ OUT = ROOT / "benchmarks" / "out"
 
 # A child runs `body` (which may set `result`), then reports wall time and its own peak RSS.
 _CHILD = """
-import json, resource, sys, time
+import json, sys, time
 started = time.perf_counter()
 result = None
 {body}
 wall = time.perf_counter() - started
-peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# VmHWM belongs to this process's own address space; ru_maxrss would carry over the parent's
+# peak, which Linux keeps across fork + exec.
+status = open("/proc/self/status").read()
+peak_kb = int(status.split("VmHWM:")[1].split()[0])
 print("@@" + json.dumps({{"wall": wall, "peak_mb": peak_kb / 1024, "result": result}}))
 """
 

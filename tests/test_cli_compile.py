@@ -43,14 +43,18 @@ def test_version():
 
 def test_compile_cleanup_keeps_outputs_and_records_the_pipeline(tmp_path):
     out = tmp_path / "resnet.clean.onnx"
-    result = polaris("compile", MODELS / "resnet_s.onnx", "--pipeline", "cleanup", "--verify", "numeric", "-o", out)
+    result = polaris(
+        "compile", MODELS / "resnet_s.onnx", "--pipeline", "cleanup", "--verify", "numeric", "-o", out
+    )
     assert result.returncode == 0, result.stderr
     cleaned = onnx.load(out)
     assert not any(node.op_type == "BatchNormalization" for node in cleaned.graph.node)
     props = {p.key: p.value for p in cleaned.metadata_props}
     assert props["polaris-opt.pipeline"] == "cleanup"
     feeds = sample("resnet_s")
-    assert not compare_outputs(run_model(onnx.load(MODELS / "resnet_s.onnx"), feeds), run_model(cleaned, feeds))
+    assert not compare_outputs(
+        run_model(onnx.load(MODELS / "resnet_s.onnx"), feeds), run_model(cleaned, feeds)
+    )
     for column in ("fold-batchnorm", "infer-shapes", "nodes"):
         assert column in result.stdout
 
@@ -70,7 +74,9 @@ def test_compile_json_reports_every_pass(tmp_path):
 def test_saved_recipe_reproduces_the_run_byte_for_byte(tmp_path):
     first, second, recipe = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "r.yaml"
     model = MODELS / "mobilenetv2_s.onnx"
-    result = polaris("compile", model, "-p", "cleanup,fold-constants{max-size-mb=8}", "-o", first, "--save-recipe", recipe)
+    result = polaris(
+        "compile", model, "-p", "cleanup,fold-constants{max-size-mb=8}", "-o", first, "--save-recipe", recipe
+    )
     assert result.returncode == 0, result.stderr
     assert polaris("compile", model, "--recipe", recipe, "-o", second).returncode == 0
     assert first.read_bytes() == second.read_bytes()
@@ -148,7 +154,10 @@ def test_unwritable_output(tmp_path, where):
 
 @pytest.mark.parametrize(
     "pipeline, expected",
-    [("cleanup,frobnicate", "valid passes: eliminate-dead-code"), ("fold-constants{turbo=1}", "valid options:")],
+    [
+        ("cleanup,frobnicate", "valid passes: eliminate-dead-code"),
+        ("fold-constants{turbo=1}", "valid options:"),
+    ],
 )
 def test_unknown_pass_or_option(tmp_path, pipeline, expected):
     out = tmp_path / "out.onnx"
@@ -169,7 +178,9 @@ def test_recipe_with_a_wrong_type(tmp_path):
 def test_pipeline_and_recipe_together_is_a_usage_error(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("pipeline: cleanup\n")
-    result = polaris("compile", MODELS / "digits_mlp.onnx", "-p", "cleanup", "-r", recipe, "-o", tmp_path / "o.onnx")
+    result = polaris(
+        "compile", MODELS / "digits_mlp.onnx", "-p", "cleanup", "-r", recipe, "-o", tmp_path / "o.onnx"
+    )
     assert result.returncode == 2 and "exactly one of" in one_line_error(result)
 
 

@@ -70,7 +70,9 @@ def test_a_crashing_pass_is_named():
 
 
 def test_a_pass_that_breaks_structure_is_named():
-    with pytest.raises(PassFailed, match="pass 'dangling-input' failed: the graph no longer passes onnx.checker"):
+    with pytest.raises(
+        PassFailed, match="pass 'dangling-input' failed: the graph no longer passes onnx.checker"
+    ):
         run_pipeline(mlp(), Pipeline.parse("eliminate-identity,dangling-input,infer-shapes"))
 
 
@@ -82,7 +84,9 @@ def test_numeric_verification_catches_changed_outputs():
 
 
 def test_reports_time_and_node_counts_per_pass():
-    result = run_pipeline(onnx.load(MODELS / "resnet_s.onnx"), Pipeline.parse("cleanup"), verify=VerifyMode.NUMERIC)
+    result = run_pipeline(
+        onnx.load(MODELS / "resnet_s.onnx"), Pipeline.parse("cleanup"), verify=VerifyMode.NUMERIC
+    )
     assert len(result.reports) == 6
     fold = next(r for r in result.reports if r.step == "fold-batchnorm")
     assert fold.modified and fold.nodes_after < fold.nodes_before
@@ -98,7 +102,9 @@ def test_numeric_verification_is_skipped_with_a_warning_when_the_input_cannot_ru
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
         [numpy_helper.from_array(np.ones(2, np.float32), "unused")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("my.custom", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("my.custom", 1)]
+    )
     result = run_pipeline(model, Pipeline.parse("cleanup"), verify=VerifyMode.NUMERIC)
     assert result.verify is VerifyMode.STRUCTURE
     assert any("numeric verification skipped" in w for w in result.warnings)

@@ -15,7 +15,9 @@ def write(tmp_path, name, text):
 
 
 def test_loads_yaml_with_a_list_pipeline(tmp_path):
-    path = write(tmp_path, "r.yaml", "pipeline:\n  - cleanup\n  - fold-constants{max-size-mb=8}\nverify: numeric\n")
+    path = write(
+        tmp_path, "r.yaml", "pipeline:\n  - cleanup\n  - fold-constants{max-size-mb=8}\nverify: numeric\n"
+    )
     assert load_recipe(path) == Recipe("cleanup,fold-constants{max-size-mb=8}", verify="numeric")
 
 

@@ -1,0 +1,73 @@
+"""What ONNX shape inference knows of every tensor of a graph, sub-graphs included.
+
+A pass that must not guess (fold a `Shape`, refuse a result too large to store) asks here:
+each tensor name maps to its dims, None where a dim is dynamic or unknown, and its element
+size. Names whose tensors disagree (sibling sub-graphs may reuse a name) are left out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper
+
+from polaris_opt.passes.infer_shapes import skeleton_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What shape inference knows of a tensor: its dims (None where dynamic) and element size."""
+
+    dims: tuple[int | None, ...]
+    itemsize: int
+
+    @property
+    def nbytes(self) -> int | None:
+        static = all(d is not None for d in self.dims)
+        return int(np.prod(self.dims, dtype=np.int64)) * self.itemsize if static else None
+
+
+def infer_tensor_info(graph: gs.Graph) -> dict[str, TensorInfo]:
+    """Shapes and element sizes ONNX shape inference finds, in every graph; {} when it fails."""
+    try:
+        model = onnx.shape_inference.infer_shapes(skeleton_model(graph), data_prop=True)
+    except Exception as exc:  # noqa: BLE001 - callers treat every shape as unknown
+        log.debug("shape inference failed: %s", exc)
+        return {}
+    infos: dict[str, TensorInfo] = {}
+    ambiguous = set()
+    for value_info in _value_infos(model.graph):
+        info = _tensor_info(value_info)
+        # Sibling sub-graphs may reuse a name for different tensors: such a name tells nothing.
+        if info is not None and infos.setdefault(value_info.name, info) != info:
+            ambiguous.add(value_info.name)
+    return {name: info for name, info in infos.items() if name not in ambiguous}
+
+
+def _value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
+    yield from (*graph.input, *graph.output, *graph.value_info)
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else attr.graphs:
+                yield from _value_infos(sub)
+
+
+def _tensor_info(value_info: onnx.ValueInfoProto) -> TensorInfo | None:
+    kind = value_info.type.tensor_type
+    if not value_info.type.HasField("tensor_type") or not kind.HasField("shape"):
+        return None
+    dims = tuple(
+        d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in kind.shape.dim
+    )
+    try:
+        itemsize = helper.tensor_dtype_to_np_dtype(kind.elem_type).itemsize
+    except (KeyError, TypeError):  # undefined or string element type: size unknown
+        itemsize = 0
+    return TensorInfo(dims, itemsize)
