@@ -1,10 +1,8 @@
 """infer-shapes: ONNX shape inference, its dtypes and shapes written onto the graph's tensors.
 
-The graph is exported to a *skeleton* model for inference: initializers of more than
-`_SHAPE_DATA_LIMIT` elements, in any graph, become top-level inputs of the same type and
-shape. Inference needs only their types (values matter only for small shape-like tensors:
-Reshape shapes, Resize scales), so the skeleton stays far below protobuf's 2 GB limit even
-for models above it.
+The graph is exported to a *skeleton* model for inference (polaris_opt.export): big
+weights, in any graph, become top-level inputs of the same type and shape, without their
+values, so the skeleton stays far below protobuf's 2 GB limit even for models above it.
 
 What inference finds is carried back onto the graph's tensors, pairing nodes of the exported
 model with graph nodes by position (export keeps the order). Declared shapes of graph inputs
@@ -15,20 +13,17 @@ for outputs of standard ops (inference recomputes it) and kept for custom ops (i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 
+from polaris_opt.export import proto_graphs, skeleton_model
 from polaris_opt.graph_io import PROTOBUF_LIMIT
 from polaris_opt.passes_api import Pass, PassContext, PassResult
 from polaris_opt.surgery import STANDARD_DOMAINS, is_standard_domain, iter_graphs, producer
-
-_SHAPE_DATA_LIMIT = 1024  # elements; larger initializers are types only in the skeleton
 
 
 @dataclass(frozen=True)
@@ -39,7 +34,7 @@ class InferShapes(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         before = _snapshot(graph)
-        skeleton = skeleton_model(graph)
+        skeleton = inference_skeleton(graph)
         if skeleton.ByteSize() > PROTOBUF_LIMIT:
             return PassResult(modified=False, stats={**_count(graph), "skipped": "model over 2 GB"})
         try:
@@ -51,51 +46,12 @@ class InferShapes(Pass):
         return PassResult(modified=_snapshot(graph) != before, stats=_count(graph))
 
 
-def skeleton_model(graph: gs.Graph) -> onnx.ModelProto:
-    """The graph as a model fit for inference: big weights reduced to typed top-level inputs.
-
-    Sub-graph weights are hoisted too (a sub-graph may read a top-level name), so the copies
-    graphsurgeon exports of a weight into every branch that reads it cost nothing either.
-    A weight whose name is also declared otherwise somewhere stays where it is.
-    """
-    model = gs.export_onnx(graph, do_type_check=False)
-    graphs = list(_proto_graphs(model.graph))
-    declared = {name for g in graphs for name in [*(vi.name for vi in g.input), *_node_outputs(g)]}
-    hoisted: dict[str, onnx.ValueInfoProto] = {}
-    for g in graphs:
-        for tensor in g.initializer:
-            if _is_big(tensor) and tensor.name not in declared:
-                hoisted.setdefault(tensor.name, _typed_input(tensor))
-        _keep_initializers(g, lambda t: t.name not in hoisted)
+def inference_skeleton(graph: gs.Graph) -> onnx.ModelProto:
+    """The graph as a model fit for inference: a skeleton, less the value-info inference redoes."""
+    model = skeleton_model(graph)
+    for g in proto_graphs(model.graph):
         _forget_inferable(g)
-    model.graph.input.extend(hoisted.values())
     return model
-
-
-def _proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _proto_graphs(attr.g)
-
-
-def _node_outputs(graph: onnx.GraphProto) -> list[str]:
-    return [out for node in graph.node for out in node.output]
-
-
-def _is_big(tensor: onnx.TensorProto) -> bool:
-    return int(np.prod(tensor.dims)) > _SHAPE_DATA_LIMIT
-
-
-def _typed_input(tensor: onnx.TensorProto) -> onnx.ValueInfoProto:
-    return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
-
-
-def _keep_initializers(graph: onnx.GraphProto, keep) -> None:
-    kept = [tensor for tensor in graph.initializer if keep(tensor)]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
 
 
 def _forget_inferable(graph: onnx.GraphProto) -> None:

@@ -11,7 +11,8 @@ import numpy as np
 import onnx
 
 from polaris_opt.errors import PassFailed, PolarisError
-from polaris_opt.graph_io import to_graph, to_model
+from polaris_opt.export import to_model
+from polaris_opt.graph_io import to_graph
 from polaris_opt.passes_api import PassContext, Stat
 from polaris_opt.pipeline import Pipeline
 from polaris_opt.verify import Verifier, VerifyMode
@@ -51,19 +52,16 @@ def run_pipeline(
 ) -> CompileResult:
     """Run every pass of `pipeline` over `model`, verifying after each one; returns the new model."""
     ctx = ctx or PassContext()
-    verifier = Verifier.for_input(model, verify, feeds, seed=ctx.seed)
-    result = CompileResult(model, pipeline.text(), warnings=list(verifier.warnings), verify=verifier.mode)
     graph = to_graph(model)
+    verifier = Verifier.for_input(model, graph, verify, feeds, seed=ctx.seed)
+    result = CompileResult(model, pipeline.text(), warnings=list(verifier.warnings), verify=verifier.mode)
     for index, (step, pass_) in enumerate(pipeline.passes(), start=1):
         report, graph = _run_one(step, pass_, graph, ctx)
-        # Exporting costs a copy of every weight; only pay it when something looks at the result.
-        if verifier.mode is not VerifyMode.NONE or dump_dir is not None:
-            exported = to_model(graph, model)
-            started = time.perf_counter()
-            verifier.check(exported, pass_.name)
-            report.verify_seconds = time.perf_counter() - started
-            if dump_dir is not None:
-                onnx.save_model(exported, str(dump_dir / f"{index:02d}-{pass_.name}.onnx"))
+        started = time.perf_counter()
+        verifier.check(graph, model, pass_.name)
+        report.verify_seconds = time.perf_counter() - started
+        if dump_dir is not None:
+            onnx.save_model(to_model(graph, model), str(dump_dir / f"{index:02d}-{pass_.name}.onnx"))
         result.reports.append(report)
         if on_pass:
             on_pass(report)

@@ -11,6 +11,7 @@ import functools
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from google.protobuf.message import DecodeError
 
 from polaris_opt import __version__
 from polaris_opt.errors import BadInput
+from polaris_opt.export import attr_graphs
 
 MIN_OPSET = 11
 # Protobuf cannot serialise a message above 2 GiB; beyond this, tensors must go to a side file.
@@ -42,15 +44,34 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
         raise BadInput(f"{path}: not a file")
     if path.stat().st_size == 0:
         raise BadInput(f"{path}: empty file, not an ONNX model")
+    model, problem = _read(path)
+    _check_looks_like_model(model, path)
+    if _has_external_data(model):
+        if load_external_data:
+            _load_external_data(model, path.parent)
+        # Checked as bytes, the side files could not be found: check again where they can be.
+        problem = _check_with_side_files(model, path)
+    if problem is not None:
+        raise BadInput(f"{path}: invalid ONNX model ({problem}); truncated or corrupt?")
+    return model
+
+
+def _read(path: Path) -> tuple[onnx.ModelProto, str | None]:
+    """The model in `path`, and what onnx.checker finds wrong with it as read (None: nothing).
+
+    A binary file is checked as read: checking the parsed model would serialise every weight
+    once more. The caller reports the problem after its own checks of the parsed model, which
+    say more about a file that is no model at all.
+    """
+    # Like onnx.load_model: a text format when the extension names one (.onnxtxt, .json).
+    fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix) or "protobuf"
+    data = path.read_bytes()
+    problem = _checker_problem(data) if fmt == "protobuf" else None
     try:
-        model = onnx.load_model(str(path), load_external_data=False)
+        model = onnx.load_model_from_string(data, format=fmt)
     except (DecodeError, RuntimeWarning, ValueError) as exc:
         raise BadInput(f"{path}: not an ONNX model (protobuf parse failed: {exc})") from None
-    _check_looks_like_model(model, path)
-    if load_external_data:
-        _load_external_data(model, path.parent)
-    _check_model(model, path)
-    return model
+    return model, problem if fmt == "protobuf" else _checker_problem(model)
 
 
 def _check_looks_like_model(model: onnx.ModelProto, path: Path) -> None:
@@ -65,15 +86,25 @@ def _check_looks_like_model(model: onnx.ModelProto, path: Path) -> None:
         )
 
 
-def _check_model(model: onnx.ModelProto, path: Path) -> None:
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in iter_model_tensors(model))
+
+
+def _check_with_side_files(model: onnx.ModelProto, path: Path) -> str | None:
+    # With its data loaded, a model under 2 GB is checked whole (payload sizes measured);
+    # otherwise by path, where the checker finds the side files next to the model.
+    if _has_external_data(model) or tensor_bytes(model) >= PROTOBUF_LIMIT:
+        return _checker_problem(str(path))
+    return _checker_problem(model)
+
+
+def _checker_problem(model: onnx.ModelProto | bytes | str) -> str | None:
+    """The first line of what onnx.checker finds wrong with `model`; None when nothing."""
     try:
-        if tensor_bytes(model) < PROTOBUF_LIMIT:
-            onnx.checker.check_model(model)
-        else:
-            onnx.checker.check_model(str(path))
-    except onnx.checker.ValidationError as exc:
-        first_line = str(exc).strip().splitlines()[0]
-        raise BadInput(f"{path}: invalid ONNX model ({first_line}); truncated or corrupt?") from None
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as exc:  # ValueError: bytes that do not parse
+        return str(exc).strip().splitlines()[0]
+    return None
 
 
 def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -229,20 +260,15 @@ def save_model(
     is lowered to what the installed ONNX Runtime loads; `pipeline` goes into metadata_props.
     """
     output = check_output_path(output, input_path=input_path, force=force)
-    to_write = onnx.ModelProto()
-    to_write.CopyFrom(model)
-    to_write.ir_version = min(to_write.ir_version or onnx.IR_VERSION, max_ir_version_for_ort())
-    to_write.producer_name = "polaris-opt"
-    to_write.producer_version = __version__
-    stamp_metadata(to_write, pipeline)
     if external_data is None:
-        external_data = tensor_bytes(to_write) >= PROTOBUF_LIMIT
+        external_data = tensor_bytes(model) >= PROTOBUF_LIMIT
     parent = output.parent if str(output.parent) else Path(".")
     try:
         with tempfile.TemporaryDirectory(dir=parent, prefix=f".{output.name}.") as staging:
             staged = Path(staging) / output.name
             data_name = f"{output.name}.data" if external_data else None
-            _write_staged(to_write, staged, data_name)
+            with _stamped(model, pipeline):
+                _write_staged(model, staged, data_name)
             # Data first, then the model that points at it: a reader never sees a dangling model.
             # Tensors under the size threshold stay inline, so there may be no side file.
             if data_name and (Path(staging) / data_name).exists():
@@ -253,6 +279,30 @@ def save_model(
     return output
 
 
+@contextmanager
+def _stamped(model: onnx.ModelProto, pipeline: str | None) -> Iterator[None]:
+    """`model` as `save_model` writes it while open, as it was afterwards.
+
+    Stamping the caller's model and undoing it spares a copy of every weight.
+    """
+    scalars = ("ir_version", "producer_name", "producer_version")
+    header = onnx.ModelProto()  # what stamping changes, each field set or unset as in `model`
+    for name in scalars:
+        if model.HasField(name):
+            setattr(header, name, getattr(model, name))
+    header.metadata_props.extend(model.metadata_props)
+    try:
+        model.ir_version = min(model.ir_version or onnx.IR_VERSION, max_ir_version_for_ort())
+        model.producer_name = "polaris-opt"
+        model.producer_version = __version__
+        stamp_metadata(model, pipeline)
+        yield
+    finally:
+        for name in (*scalars, "metadata_props"):
+            model.ClearField(name)
+        model.MergeFrom(header)
+
+
 def _write_staged(model: onnx.ModelProto, staged: Path, data_name: str | None) -> None:
     if data_name is None:
         with open(staged, "wb") as handle:
@@ -260,8 +310,11 @@ def _write_staged(model: onnx.ModelProto, staged: Path, data_name: str | None) -
             handle.flush()
             os.fsync(handle.fileno())
         return
+    # onnx.save_model moves the weights out of the model it is given into the side file.
+    to_write = onnx.ModelProto()
+    to_write.CopyFrom(model)
     onnx.save_model(
-        model,
+        to_write,
         str(staged),
         save_as_external_data=True,
         all_tensors_to_one_file=True,
@@ -293,7 +346,7 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     for node in graph.node:
         yield node
         for attr in node.attribute:
-            for sub in _attr_graphs(attr):
+            for sub in attr_graphs(attr):
                 yield from _all_nodes(sub)
 
 
@@ -324,44 +377,3 @@ def densify(sparse: onnx.SparseTensorProto) -> np.ndarray:
         indices = np.ravel_multi_index(indices.T, tuple(sparse.dims))
     dense[indices] = values
     return dense.reshape(tuple(sparse.dims))
-
-
-def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    """Export `graph`, carrying over what graphsurgeon does not keep (metadata, docs, IR version)."""
-    model = gs.export_onnx(graph, do_type_check=False)
-    model.ir_version = template.ir_version
-    model.producer_name = template.producer_name
-    model.producer_version = template.producer_version
-    model.domain = template.domain
-    model.model_version = template.model_version
-    model.doc_string = template.doc_string
-    model.metadata_props.extend(template.metadata_props)
-    _dedupe_subgraph_initializers(model.graph, outer=set())
-    return model
-
-
-def _dedupe_subgraph_initializers(graph: onnx.GraphProto, outer: set[str]) -> None:
-    """Undo graphsurgeon's copies of outer-scope weights into every sub-graph that reads them.
-
-    A weight already visible from an enclosing graph is dropped from the sub-graph; one copied
-    into several sibling sub-graphs (both branches of an If) moves up once into this graph.
-    """
-    visible = outer | {tensor.name for tensor in graph.initializer}
-    children = [sub for node in graph.node for attr in node.attribute for sub in _attr_graphs(attr)]
-    seen: dict[str, onnx.TensorProto] = {}
-    shared = set()
-    for sub in children:
-        for tensor in sub.initializer:
-            shared.update([tensor.name] if tensor.name in seen else [])
-            seen.setdefault(tensor.name, tensor)
-    for name in sorted(shared - visible):
-        graph.initializer.append(seen[name])
-    visible |= shared
-    for sub in children:
-        for tensor in [t for t in sub.initializer if t.name in visible]:
-            sub.initializer.remove(tensor)
-        _dedupe_subgraph_initializers(sub, visible)
-
-
-def _attr_graphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
-    return ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)

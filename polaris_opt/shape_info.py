@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
-from polaris_opt.passes.infer_shapes import skeleton_model
+from polaris_opt.passes.infer_shapes import inference_skeleton
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class TensorInfo:
 def infer_tensor_info(graph: gs.Graph) -> dict[str, TensorInfo]:
     """Shapes and element sizes ONNX shape inference finds, in every graph; {} when it fails."""
     try:
-        model = onnx.shape_inference.infer_shapes(skeleton_model(graph), data_prop=True)
+        model = onnx.shape_inference.infer_shapes(inference_skeleton(graph), data_prop=True)
     except Exception as exc:  # noqa: BLE001 - callers treat every shape as unknown
         log.debug("shape inference failed: %s", exc)
         return {}

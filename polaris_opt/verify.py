@@ -3,6 +3,11 @@
 The checks are calibrated on the input model first: if the input itself fails the strict
 checker (many real exports do) or cannot run on ONNX Runtime, that check is relaxed or skipped
 with a warning instead of blaming the first pass for a fault it did not cause.
+
+Structure is checked on a skeleton (polaris_opt.export): the graph without the payloads of
+its big weights, so checking copies none of them. Each payload left out is measured against
+its dims and type once, the first time it is seen: passes give a weight new values rather
+than edit its TensorProto in place, so a payload found sound stays sound.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from polaris_opt.errors import PassFailed
+from polaris_opt.export import payloads_left_out, skeleton_model, tensor_problem, to_model
 from polaris_opt.graph_io import PROTOBUF_LIMIT, tensor_bytes
 from polaris_opt.numerics import compare_outputs, make_session, run_model, sample_inputs
 
@@ -31,11 +38,19 @@ class Verifier:
     feeds: dict[str, np.ndarray] = field(default_factory=dict)
     reference: dict[str, np.ndarray] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # Payloads found sound, by id; holding them keeps their ids from passing to other tensors.
+    sound_payloads: dict[int, onnx.TensorProto] = field(default_factory=dict)
 
     @classmethod
     def for_input(
-        cls, model: onnx.ModelProto, mode: VerifyMode, feeds: dict[str, np.ndarray] | None = None, seed=0
+        cls,
+        model: onnx.ModelProto,
+        graph: gs.Graph,
+        mode: VerifyMode,
+        feeds: dict[str, np.ndarray] | None = None,
+        seed=0,
     ) -> Verifier:
+        """A verifier calibrated on `model` and `graph`, its import, before any pass has run."""
         verifier = cls(mode)
         if mode is VerifyMode.NONE:
             return verifier
@@ -43,7 +58,7 @@ class Verifier:
             verifier.mode = VerifyMode.NONE
             verifier.warnings.append("model above 2 GB: in-memory verification skipped")
             return verifier
-        verifier.full_check = _passes_full_check(model, verifier.warnings)
+        verifier.full_check = _passes_full_check(skeleton_model(graph, model), verifier.warnings)
         if mode is VerifyMode.NUMERIC:
             verifier._record_reference(model, feeds, seed)
         return verifier
@@ -60,18 +75,33 @@ class Verifier:
         self.feeds = feeds if feeds is not None else sample_inputs(session, seed=seed)
         self.reference = run_model(session, self.feeds)
 
-    def check(self, model: onnx.ModelProto, pass_name: str) -> None:
-        """Raise PassFailed naming `pass_name` when `model` is no longer valid or equivalent."""
+    def check(self, graph: gs.Graph, template: onnx.ModelProto, pass_name: str) -> None:
+        """Raise PassFailed naming `pass_name` when `graph` is no longer valid or equivalent.
+
+        Structure is checked on a skeleton, which copies no big weight; the whole model is
+        exported only to be run for numerics.
+        """
         if self.mode is VerifyMode.NONE:
             return
+        for payload in payloads_left_out(graph):
+            self._check_payload(payload, pass_name)
+        self._check_structure(skeleton_model(graph, template), pass_name)
+        if self.mode is VerifyMode.NUMERIC:
+            self._check_numerics(to_model(graph, template), pass_name)
+
+    def _check_structure(self, model: onnx.ModelProto, pass_name: str) -> None:
         try:
             onnx.checker.check_model(model, full_check=self.full_check)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-            raise PassFailed(
-                pass_name, f"the graph no longer passes onnx.checker: {_first_line(exc)}"
-            ) from None
-        if self.mode is VerifyMode.NUMERIC:
-            self._check_numerics(model, pass_name)
+            raise _no_longer_valid(pass_name, _first_line(exc)) from None
+
+    def _check_payload(self, payload: onnx.TensorProto, pass_name: str) -> None:
+        if id(payload) in self.sound_payloads:
+            return
+        problem = tensor_problem(payload)
+        if problem is not None:
+            raise _no_longer_valid(pass_name, problem)
+        self.sound_payloads[id(payload)] = payload
 
     def _check_numerics(self, model: onnx.ModelProto, pass_name: str) -> None:
         try:
@@ -85,9 +115,14 @@ class Verifier:
             raise PassFailed(pass_name, "outputs changed: " + "; ".join(map(str, mismatches)))
 
 
-def _passes_full_check(model: onnx.ModelProto, warnings: list[str]) -> bool:
+def _no_longer_valid(pass_name: str, problem: str) -> PassFailed:
+    return PassFailed(pass_name, f"the graph no longer passes onnx.checker: {problem}")
+
+
+def _passes_full_check(skeleton: onnx.ModelProto, warnings: list[str]) -> bool:
+    # `skeleton` is the input as each pass's result is checked: exported from graphsurgeon.
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(skeleton, full_check=True)
         return True
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         warnings.append(

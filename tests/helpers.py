@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import numpy as np
 import onnx
 
-from polaris_opt.graph_io import to_graph, to_model
+from polaris_opt.export import to_model
+from polaris_opt.graph_io import to_graph
 from polaris_opt.numerics import compare_outputs, run_model
 from polaris_opt.passes_api import Pass, PassContext
 

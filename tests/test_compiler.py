@@ -10,9 +10,12 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from polaris_opt import verify
 from polaris_opt.compiler import run_pipeline
 from polaris_opt.errors import PassFailed
+from polaris_opt.export import tensor_problem
 from polaris_opt.passes import PASSES
 from polaris_opt.passes_api import Pass, PassResult
 from polaris_opt.pipeline import Pipeline
@@ -54,9 +57,34 @@ class DoubleFirstWeight(Pass):
         return PassResult(modified=True, stats={"doubled": 1})
 
 
+@dataclass(frozen=True)
+class TruncateFirstWeight(Pass):
+    """Stores the first layer's weight one value short: a malformed initializer."""
+
+    name: ClassVar[str] = "truncate-first-weight"
+
+    def run(self, graph, ctx):
+        weight = graph.tensors()["fc1.weight"]
+        proto = numpy_helper.from_array(weight.values, weight.name)
+        proto.raw_data = proto.raw_data[:-4]
+        weight.values = LazyValues(proto)
+        return PassResult(modified=True)
+
+
+@dataclass(frozen=True)
+class NarrowFirstWeight(Pass):
+    """Gives the first layer's weight a shape its Gemm cannot take: strict shape inference sees it."""
+
+    name: ClassVar[str] = "narrow-first-weight"
+
+    def run(self, graph, ctx):
+        graph.tensors()["fc1.weight"].values = np.ones((32, 64), np.float32)
+        return PassResult(modified=True)
+
+
 @pytest.fixture(autouse=True)
 def register_test_passes(monkeypatch):
-    for cls in (Crash, DanglingInput, DoubleFirstWeight):
+    for cls in (Crash, DanglingInput, DoubleFirstWeight, TruncateFirstWeight, NarrowFirstWeight):
         monkeypatch.setitem(PASSES, cls.name, f"{__name__}:{cls.__name__}")
 
 
@@ -74,6 +102,39 @@ def test_a_pass_that_breaks_structure_is_named():
         PassFailed, match="pass 'dangling-input' failed: the graph no longer passes onnx.checker"
     ):
         run_pipeline(mlp(), Pipeline.parse("eliminate-identity,dangling-input,infer-shapes"))
+
+
+@pytest.mark.parametrize(
+    "step, problem",
+    [
+        ("truncate-first-weight", "'fc1.weight' holds 16380 bytes of raw_data; its dims and type need 16384"),
+        ("narrow-first-weight", "ShapeInferenceError"),
+    ],
+)
+def test_structure_verification_catches_a_malformed_or_misshapen_weight(step, problem):
+    # fc1.weight is big enough that structure is checked without its payload.
+    with pytest.raises(PassFailed, match=f"pass '{step}' failed: the graph no longer passes") as failure:
+        run_pipeline(mlp(), Pipeline.parse(f"eliminate-identity,{step}"))
+    assert problem in failure.value.reason
+
+
+def test_each_weight_payload_is_measured_once(monkeypatch):
+    measured = []
+
+    def measure(tensor):
+        measured.append(tensor.name)
+        return tensor_problem(tensor)
+
+    monkeypatch.setattr(verify, "tensor_problem", measure)
+    run_pipeline(mlp(), Pipeline.parse("cleanup"))
+    assert sorted(measured) == ["fc1.weight", "fc2.weight"]  # fc3.weight is small: checked whole
+
+
+def test_an_input_failing_strict_inference_relaxes_the_check_with_a_warning():
+    model = mlp()
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 11  # inference says 10
+    result = run_pipeline(model, Pipeline.parse("eliminate-identity"))
+    assert any("the input fails strict shape inference" in w for w in result.warnings)
 
 
 def test_numeric_verification_catches_changed_outputs():
@@ -109,3 +170,12 @@ def test_numeric_verification_is_skipped_with_a_warning_when_the_input_cannot_ru
     assert result.verify is VerifyMode.STRUCTURE
     assert any("numeric verification skipped" in w for w in result.warnings)
     assert [n.op_type for n in result.model.graph.node] == ["Foo"]
+
+
+def test_dumps_hold_the_whole_graph_after_every_pass(tmp_path):
+    result = run_pipeline(mlp(), Pipeline.parse("cleanup"), dump_dir=tmp_path)
+    dumps = sorted(tmp_path.iterdir())
+    assert [p.name for p in dumps][-1] == "06-infer-shapes.onnx" and len(dumps) == 6
+    for dump in dumps:
+        onnx.checker.check_model(onnx.load(dump), full_check=True)
+    assert onnx.load(dumps[-1]).SerializeToString() == result.model.SerializeToString()

@@ -9,7 +9,8 @@ from export_like import bn_params, paddle_like, pytorch_like
 from helpers import assert_same_outputs, op_counts, run_pass
 from onnx import numpy_helper
 
-from polaris_opt.graph_io import to_graph, to_model
+from polaris_opt.export import to_model
+from polaris_opt.graph_io import to_graph
 from polaris_opt.numerics import compare_outputs, run_model
 from polaris_opt.passes.fold_batchnorm import FoldBatchNorm
 from polaris_opt.passes.lift_constants import LiftConstants

@@ -9,7 +9,8 @@ from export_like import paddle_like, pytorch_like, tf2onnx_like, with_if, with_l
 from helpers import assert_same_outputs, op_counts, run_pass
 from onnx import numpy_helper
 
-from polaris_opt.graph_io import to_graph, to_model
+from polaris_opt.export import to_model
+from polaris_opt.graph_io import to_graph
 from polaris_opt.passes import fold_constants
 from polaris_opt.passes.fold_constants import FoldConstants
 from polaris_opt.passes.lift_constants import LiftConstants

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from polaris_opt import __version__, graph_io
 from polaris_opt.errors import BadInput
+from polaris_opt.export import to_model
 from polaris_opt.graph_io import load_model, max_ir_version_for_ort, save_model
 from polaris_opt.numerics import run_model
 
@@ -123,6 +124,30 @@ def test_refuses_an_external_range_beyond_the_data_file(tmp_path):
         load_model(path)
 
 
+def test_refuses_a_weight_shorter_than_its_dims(tmp_path):
+    model = tiny_model()
+    model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:-4]
+    path = tmp_path / "short.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(BadInput, match="invalid ONNX model .*raw_data size"):
+        load_model(path)
+
+
+def test_external_data_can_stay_on_disk(tmp_path, monkeypatch):
+    path = with_external_weight(tmp_path, "weights.bin")
+    (tmp_path / "weights.bin").write_bytes(np.arange(12, dtype=np.float32).tobytes())
+    monkeypatch.chdir(tmp_path.parent)  # the side file is found next to the model, not here
+    model = load_model(path, load_external_data=False)
+    assert model.graph.initializer[0].data_location == TensorProto.EXTERNAL
+
+
+@pytest.mark.filterwarnings("ignore:The onnxtxt format is experimental")
+def test_loads_the_text_format_by_its_extension(tmp_path):
+    path = tmp_path / "tiny.onnxtxt"
+    onnx.save_model(tiny_model(), str(path))
+    assert [n.op_type for n in load_model(path).graph.node] == ["MatMul"]
+
+
 def test_refuses_opsets_older_than_11(tmp_path):
     model = tiny_model()
     model.opset_import[0].version = 9
@@ -160,10 +185,22 @@ def test_save_clamps_ir_version_to_what_onnxruntime_loads(tmp_path):
     )
 
 
-def test_save_does_not_touch_the_callers_model(tmp_path):
+@pytest.mark.parametrize("external_data", [False, True])
+def test_save_does_not_touch_the_callers_model(tmp_path, external_data):
+    model = tiny_model()
+    helper.set_model_props(model, {"author": "me", "polaris-opt.pipeline": "old"})
+    before = model.SerializeToString()
+    save_model(model, tmp_path / "out.onnx", pipeline="x", external_data=external_data)
+    assert model.SerializeToString() == before
+    assert onnx.load(tmp_path / "out.onnx").producer_name == "polaris-opt"
+
+
+def test_save_leaves_the_callers_model_as_it_was_when_writing_fails(tmp_path, monkeypatch):
     model = tiny_model()
     before = model.SerializeToString()
-    save_model(model, tmp_path / "out.onnx", pipeline="x", external_data=True)
+    monkeypatch.setattr(graph_io, "_write_staged", lambda *a: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    with pytest.raises(BadInput):
+        save_model(model, tmp_path / "out.onnx", pipeline="x")
     assert model.SerializeToString() == before
 
 
@@ -243,7 +280,7 @@ def test_round_trip_keeps_a_weight_read_only_by_if_branches_once():
         [numpy_helper.from_array(weight, "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    out = graph_io.to_model(graph_io.to_graph(model), model)
+    out = to_model(graph_io.to_graph(model), model)
     names = [
         [t.name for t in g.initializer] for g in (out.graph, *(a.g for a in out.graph.node[0].attribute))
     ]
@@ -270,6 +307,6 @@ def test_a_sparse_constant_survives_the_round_trip_as_a_dense_one(linear):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    out = graph_io.to_model(graph_io.to_graph(model), model)
+    out = to_model(graph_io.to_graph(model), model)
     x = np.zeros((2, 3), np.float32)
     np.testing.assert_array_equal(run_model(out, {"x": x})["y"], [[0, 1.5, 0], [0, 0, -2.0]])

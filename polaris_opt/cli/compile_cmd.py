@@ -49,6 +49,8 @@ def compile(
     debug: DebugFlag = False,
 ) -> None:
     """Run a pipeline (--pipeline) or recipe (--recipe) over MODEL and write the result to -o."""
+    import gc
+
     from polaris_opt.cli import OUTPUT
     from polaris_opt.compiler import run_pipeline
     from polaris_opt.graph_io import check_output_path, load_model, save_model
@@ -74,6 +76,10 @@ def compile(
             dump_dir=dump_dir,
             on_pass=lambda _report: advance(1),
         )
+    # Free the input's weights before the result is serialised beside them; graphsurgeon's
+    # graph of the input holds them in reference cycles, which only a collection breaks.
+    del source
+    gc.collect()
     for warning in result.warnings:
         out.warn(warning)
     save_model(
