@@ -18,9 +18,9 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from polaris_opt.passes.fold_constants import foldable_value
 from polaris_opt.passes_api import Pass, PassContext, PassResult
 from polaris_opt.surgery import (
+    constant_value,
     is_graph_output,
     is_local,
     is_standard_domain,
@@ -89,7 +89,7 @@ def foldable_producer(bn: gs.Node, graph: gs.Graph) -> gs.Node | None:
 
 def _scale_shift(bn: gs.Node) -> ScaleShift | None:
     """(s, t) with BN(y) = y·s + t per channel, in float64; None when a parameter is not constant."""
-    params = [foldable_value(t) for t in bn.inputs[1:5]]
+    params = [constant_value(t) for t in bn.inputs[1:5]]
     if len(params) != 4 or any(p is None or p.ndim != 1 for p in params):
         return None
     if len({p.size for p in params}) != 1:
@@ -101,9 +101,9 @@ def _scale_shift(bn: gs.Node) -> ScaleShift | None:
 
 def _weights(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None] | None:
     """The constant weight and bias (None if absent) of `node`; None when either is computed."""
-    weight = foldable_value(node.inputs[1])
+    weight = constant_value(node.inputs[1])
     has_bias = len(node.inputs) > 2 and not node.inputs[2].is_empty()
-    bias = foldable_value(node.inputs[2]) if has_bias else None
+    bias = constant_value(node.inputs[2]) if has_bias else None
     if weight is None or weight.dtype not in FLOAT_TYPES or (has_bias and bias is None):
         return None
     return weight, bias

@@ -20,13 +20,12 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-from onnx_graphsurgeon.ir.tensor import SparseValues
 
 from polaris_opt.graph_io import max_ir_version_for_ort
 from polaris_opt.numerics import make_session
 from polaris_opt.passes_api import Pass, PassContext, PassResult
 from polaris_opt.shape_info import TensorInfo, infer_tensor_info
-from polaris_opt.surgery import is_standard_domain, iter_graphs, remove_nodes, subgraphs
+from polaris_opt.surgery import constant_value, is_standard_domain, iter_graphs, remove_nodes, subgraphs
 
 # Each run would give another value: folding them would freeze one draw into the model.
 NONDETERMINISTIC = frozenset(
@@ -155,7 +154,7 @@ class Folder:
         model = helper.make_model(graph, opset_imports=[opset], ir_version=max_ir_version_for_ort())
         # Added last: make_graph and make_model would each copy the weights once more.
         model.graph.initializer.extend(
-            numpy_helper.from_array(values[name] if name in values else foldable_value(t), name)
+            numpy_helper.from_array(values[name] if name in values else constant_value(t), name)
             for name, t in feeds.items()
         )
         return model
@@ -177,22 +176,8 @@ class Folder:
         return remove_nodes(graph, folded)
 
 
-def foldable_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """An initializer's value as folding may use it; None for run-time, sparse or re-typed ones."""
-    # Test for sparse before touching `.values`: graphsurgeon densifies a sparse initializer
-    # (as float64) on first access, and the model would then store it dense.
-    if not isinstance(tensor, gs.Constant) or isinstance(tensor._values, SparseValues):
-        return None
-    values = tensor.values
-    export = tensor.export_dtype
-    # A Constant exported as another type than it holds would compute differently.
-    if isinstance(export, int) or np.dtype(export) != values.dtype:
-        return None
-    return values
-
-
 def _ready(node: gs.Node, computed: set[str]) -> bool:
-    return all(t.is_empty() or t.name in computed or foldable_value(t) is not None for t in node.inputs)
+    return all(t.is_empty() or t.name in computed or constant_value(t) is not None for t in node.inputs)
 
 
 def _known_bytes(node: gs.Node, infos: dict[str, TensorInfo]) -> int:
@@ -257,7 +242,7 @@ def _static(dims: list[int | None] | np.ndarray) -> np.ndarray | None:
 
 def _pick(node: gs.Node, dims: list[int | None]) -> np.ndarray | list | None:
     """The dims a Gather or Slice with constant indices takes from a shape; None if not constant."""
-    args = [foldable_value(t) for t in node.inputs[1:]]
+    args = [constant_value(t) for t in node.inputs[1:]]
     if any(a is None for a in args) or node.attrs.get("axis", 0) not in (0, -1):
         return None
     if node.op == "Gather":

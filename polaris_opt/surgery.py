@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import SparseValues
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -40,10 +41,20 @@ def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
 
 
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of an initializer, or None for a tensor computed at run time."""
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    return None
+    """An initializer's value as a pass may compute with it.
+
+    None for a tensor computed at run time, a sparse initializer, or one exported as another
+    type than it holds (it would compute differently).
+    """
+    # Test for sparse before touching `.values`: graphsurgeon densifies a sparse initializer
+    # (as float64) on first access, and the model would then store it dense.
+    if not isinstance(tensor, gs.Constant) or isinstance(tensor._values, SparseValues):
+        return None
+    values = tensor.values
+    export = tensor.export_dtype
+    if isinstance(export, int) or np.dtype(export) != values.dtype:
+        return None
+    return values
 
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:

@@ -19,7 +19,14 @@ from polaris_opt.passes_api import Pass, PassContext
 
 
 def run_pass(p: Pass, model: onnx.ModelProto, ctx: PassContext | None = None) -> onnx.ModelProto:
-    """Run pass `p` once on a copy of `model` and export the result (its new graph if it made one).
+    """Run pass `p` once on a copy of `model` and export the result (its new graph if it made one)."""
+    return run_pass_with_stats(p, model, ctx)[0]
+
+
+def run_pass_with_stats(
+    p: Pass, model: onnx.ModelProto, ctx: PassContext | None = None
+) -> tuple[onnx.ModelProto, dict]:
+    """`run_pass`, also returning the pass's stats.
 
     The copy matters: graphsurgeon keeps references to the model's TensorProtos and export may
     rename them, so running on `model` itself could change the reference a test compares with.
@@ -28,7 +35,7 @@ def run_pass(p: Pass, model: onnx.ModelProto, ctx: PassContext | None = None) ->
     source.CopyFrom(model)
     graph = to_graph(source)
     result = p.run(graph, ctx or PassContext())
-    return to_model(result.graph if result.graph is not None else graph, source)
+    return to_model(result.graph if result.graph is not None else graph, source), result.stats
 
 
 def op_counts(model: onnx.ModelProto | onnx.GraphProto, recursive: bool = False) -> Counter:

@@ -6,15 +6,12 @@ import numpy as np
 import onnx
 import pytest
 from export_like import bn_params, paddle_like, pytorch_like
-from helpers import assert_same_outputs, op_counts, run_pass
+from helpers import assert_same_outputs, op_counts, run_pass, run_pass_with_stats
 from onnx import numpy_helper
 
-from polaris_opt.export import to_model
-from polaris_opt.graph_io import to_graph
 from polaris_opt.numerics import compare_outputs, run_model
 from polaris_opt.passes.fold_batchnorm import FoldBatchNorm
 from polaris_opt.passes.lift_constants import LiftConstants
-from polaris_opt.passes_api import PassContext
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
 RNG = np.random.default_rng(0)
@@ -33,11 +30,9 @@ def parse(
 
 
 def fold(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
-    graph = to_graph(model)
-    result = FoldBatchNorm().run(graph, PassContext())
-    out = to_model(graph, model)
+    out, stats = run_pass_with_stats(FoldBatchNorm(), model)
     onnx.checker.check_model(out, full_check=True)
-    return out, result.stats
+    return out, stats
 
 
 def floats(*shape: int) -> np.ndarray:

@@ -6,15 +6,12 @@ import numpy as np
 import onnx
 import pytest
 from export_like import paddle_like, pytorch_like, tf2onnx_like, with_if, with_loop, with_unknown_domains
-from helpers import assert_same_outputs, op_counts, run_pass
+from helpers import assert_same_outputs, op_counts, run_pass, run_pass_with_stats
 from onnx import numpy_helper
 
-from polaris_opt.export import to_model
-from polaris_opt.graph_io import to_graph
 from polaris_opt.passes import fold_constants
 from polaris_opt.passes.fold_constants import FoldConstants
 from polaris_opt.passes.lift_constants import LiftConstants
-from polaris_opt.passes_api import PassContext
 from polaris_opt.pipeline import Pipeline
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
@@ -29,11 +26,9 @@ def parse(text: str, **initializers: np.ndarray) -> onnx.ModelProto:
 
 
 def fold(model: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, dict]:
-    graph = to_graph(model)
-    result = FoldConstants(**options).run(graph, PassContext())
-    out = to_model(graph, model)
+    out, stats = run_pass_with_stats(FoldConstants(**options), model)
     onnx.checker.check_model(out, full_check=True)
-    return out, result.stats
+    return out, stats
 
 
 def floats(*shape: int) -> np.ndarray:
