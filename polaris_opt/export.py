@@ -1,12 +1,12 @@
 """graphsurgeon graph → ONNX model: in full, or as a skeleton without the big weights' payloads.
 
-Both exports hand graphsurgeon's exporter *stubs* for the big weights: TensorProtos of their
+Both exports hand graphsurgeon's exporter *shells* for the big weights: TensorProtos of their
 name, type and dims alone. graphsurgeon's own export copies every weight twice (into a graph,
-then the graph into a model); `to_model` instead copies each payload once, into its stub.
+then the graph into a model); `to_model` instead copies each payload once, into its shell.
 
 Checking structure (onnx.checker, strict shape inference) and inferring shapes read every
 weight's type and dims, but its values only for small shape-like tensors (Reshape shapes,
-Resize scales). A skeleton (`skeleton_model`) therefore keeps the stubs and declares them as
+Resize scales). A skeleton (`skeleton_model`) therefore keeps the shells and declares them as
 top-level graph inputs of the same name, type and dims, so checking it copies no payload and
 the skeleton of a model above protobuf's 2 GB limit stays small. Sub-graph weights become
 top-level inputs too: graphsurgeon exports a weight into every graph whose nodes read it, so
@@ -28,7 +28,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from polaris_opt.surgery import iter_graphs
 
-BIG_WEIGHT_ELEMENTS = 1024  # larger weights are exported as stubs
+BIG_WEIGHT_ELEMENTS = 1024  # larger weights are exported as shells
 
 # Element sizes of the types whose raw_data `tensor_problem` measures itself; other types
 # (strings, 4-bit, complex) and typed fields go to onnx.checker.check_tensor.
@@ -43,8 +43,8 @@ _TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "doubl
 
 def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """Export `graph`, carrying over what graphsurgeon does not keep (metadata, docs, IR version)."""
-    weights = stubbed_weights(graph)
-    model = _export_with_stubs(graph, template, weights.values())
+    weights = hollowed_weights(graph)
+    model = _export_hollow(graph, template, weights.values())
     for g in proto_graphs(model.graph):
         for tensor in g.initializer:
             if tensor.name in weights:
@@ -53,9 +53,9 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.M
 
 
 def skeleton_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
-    """`to_model(graph, template)` with every weight of `stubbed_weights` a typed graph input."""
-    weights = stubbed_weights(graph)
-    model = _export_with_stubs(graph, template, weights.values())
+    """`to_model(graph, template)` with every weight of `hollowed_weights` a typed graph input."""
+    weights = hollowed_weights(graph)
+    model = _export_hollow(graph, template, weights.values())
     inputs: dict[str, onnx.ValueInfoProto] = {}
     for g in proto_graphs(model.graph):
         for tensor in g.initializer:
@@ -69,11 +69,11 @@ def skeleton_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> 
     return model
 
 
-def stubbed_weights(graph: gs.Graph) -> dict[str, gs.Constant]:
-    """The big weights both exports stub, by name, in `graph` and its sub-graphs.
+def hollowed_weights(graph: gs.Graph) -> dict[str, gs.Constant]:
+    """The big weights both exports shell, by name, in `graph` and its sub-graphs.
 
     Only a weight that is the one tensor going by its name, and whose name nothing declares
-    otherwise (a graph input or output, a node output), so that a stub is found by its name
+    otherwise (a graph input or output, a node output), so that a shell is found by its name
     and a skeleton names exactly what the full export names.
     """
     holders: dict[str, set[int]] = defaultdict(set)  # name -> ids of the tensors that go by it
@@ -97,7 +97,7 @@ def stubbed_weights(graph: gs.Graph) -> dict[str, gs.Constant]:
 def _is_big(weight: gs.Constant) -> bool:
     values = weight._values  # not `.values`: that would read a lazily loaded payload into numpy
     if isinstance(values, SparseValues):
-        return False  # exported as a sparse initializer, which a stub cannot stand in for
+        return False  # exported as a sparse initializer, which a shell cannot stand in for
     if isinstance(values, LazyValues) and values.tensor.data_location == _T.EXTERNAL:
         return False  # its payload is in a side file already
     if not isinstance(values, LazyValues) and values.dtype == object:
@@ -105,10 +105,10 @@ def _is_big(weight: gs.Constant) -> bool:
     return math.prod(values.shape) > BIG_WEIGHT_ELEMENTS
 
 
-def _export_with_stubs(
+def _export_hollow(
     graph: gs.Graph, template: onnx.ModelProto | None, weights: Iterable[gs.Constant]
 ) -> onnx.ModelProto:
-    with _stubbed(weights):
+    with _shellbed(weights):
         model = gs.export_onnx(graph, do_type_check=False)
     if template is not None:
         model.ir_version = template.ir_version
@@ -123,19 +123,19 @@ def _export_with_stubs(
 
 
 @contextmanager
-def _stubbed(weights: Iterable[gs.Constant]) -> Iterator[None]:
+def _shellbed(weights: Iterable[gs.Constant]) -> Iterator[None]:
     """While open, each weight exports as a TensorProto of its name, type and dims alone."""
     saved = [(weight, weight._values) for weight in weights]
     try:
         for weight, values in saved:
-            weight._values = LazyValues(_stub(weight, values))
+            weight._values = LazyValues(_shell(weight, values))
         yield
     finally:
         for weight, values in saved:
             weight._values = values
 
 
-def _stub(weight: gs.Constant, values) -> onnx.TensorProto:
+def _shell(weight: gs.Constant, values) -> onnx.TensorProto:
     # The type the full export writes: a lazily loaded proto keeps its own, an array is
     # converted to the weight's export dtype.
     if isinstance(values, LazyValues):
@@ -191,7 +191,7 @@ def payloads_left_out(graph: gs.Graph) -> list[onnx.TensorProto]:
     its bytes with its shape as dims. A lazily loaded TensorProto (read from the input, or built
     by a pass) may not.
     """
-    weights = stubbed_weights(graph).values()
+    weights = hollowed_weights(graph).values()
     return [w._values.tensor for w in weights if isinstance(w._values, LazyValues)]
 
 

@@ -23,7 +23,7 @@ from polaris_opt.passes_api import PassContext
 MODELS = Path(__file__).resolve().parent.parent / "models"
 ZOO = json.loads((MODELS / "zoo.json").read_text())["models"]
 
-# A big weight in each place a stub can end up: the top-level graph (w), an If branch of its
+# A big weight in each place a shell can end up: the top-level graph (w), an If branch of its
 # own (u), and the outer scope, read by a Loop body only (v); `bias` is small.
 SCOPES = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,64] x, bool c, int64 n) => (float[N,64] y, float[N,64] s) {
@@ -89,7 +89,7 @@ def test_skeleton_declares_big_weights_as_typed_inputs_wherever_they_are():
 
 
 def test_a_big_weight_that_is_also_a_graph_output_keeps_its_payload():
-    # Folding makes k a weight; declared as an input too, a stub would name it twice.
+    # Folding makes k a weight; declared as an input too, a shell would name it twice.
     model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
       g (float[N,64] x) => (float[N,32] y, float[64,32] k) { y = MatMul(x, w)  k = Relu(w) }""")
     model.graph.initializer.append(numpy_helper.from_array(np.ones((64, 32), np.float32), "w"))
