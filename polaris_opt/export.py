@@ -108,7 +108,7 @@ def _is_big(weight: gs.Constant) -> bool:
 def _export_hollow(
     graph: gs.Graph, template: onnx.ModelProto | None, weights: Iterable[gs.Constant]
 ) -> onnx.ModelProto:
-    with _shellbed(weights):
+    with _exported_as_shells(weights):
         model = gs.export_onnx(graph, do_type_check=False)
     if template is not None:
         model.ir_version = template.ir_version
@@ -123,7 +123,7 @@ def _export_hollow(
 
 
 @contextmanager
-def _shellbed(weights: Iterable[gs.Constant]) -> Iterator[None]:
+def _exported_as_shells(weights: Iterable[gs.Constant]) -> Iterator[None]:
     """While open, each weight exports as a TensorProto of its name, type and dims alone."""
     saved = [(weight, weight._values) for weight in weights]
     try:
