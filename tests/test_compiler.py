@@ -179,3 +179,14 @@ def test_dumps_hold_the_whole_graph_after_every_pass(tmp_path):
     for dump in dumps:
         onnx.checker.check_model(onnx.load(dump), full_check=True)
     assert onnx.load(dumps[-1]).SerializeToString() == result.model.SerializeToString()
+
+
+def test_models_above_the_protobuf_limit_keep_structure_checks(monkeypatch):
+    import polaris_opt.verify as verify
+
+    monkeypatch.setattr(verify, "PROTOBUF_LIMIT", 1000)  # digits_mlp's weights are ~26 kB
+    result = run_pipeline(mlp(), Pipeline.parse("eliminate-identity"), verify=VerifyMode.NUMERIC)
+    assert result.verify is VerifyMode.STRUCTURE
+    assert any("numeric verification skipped" in w for w in result.warnings)
+    with pytest.raises(PassFailed, match="dangling-input"):
+        run_pipeline(mlp(), Pipeline.parse("dangling-input"), verify=VerifyMode.NUMERIC)
