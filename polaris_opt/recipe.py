@@ -110,11 +110,14 @@ def save_recipe(recipe: Recipe, path: str | os.PathLike) -> Path:
         text = "# polaris-opt recipe: re-run with `polaris-opt compile MODEL --recipe THIS -o OUT`\n"
         text += yaml.safe_dump(data, sort_keys=False)
     parent = path.parent if str(path.parent) else Path(".")
+    staged = None
     try:
         handle, staged = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
         os.replace(staged, path)
     except OSError as exc:
+        if staged is not None:
+            Path(staged).unlink(missing_ok=True)  # never leave a half-written recipe behind
         raise BadInput(f"recipe {path}: cannot write ({exc.strerror or exc})") from None
     return path

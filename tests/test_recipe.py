@@ -57,3 +57,15 @@ def test_bad_recipes_are_refused(tmp_path, text, message):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(BadInput, match="no such file"):
         load_recipe(tmp_path / "absent.yaml")
+
+
+def test_a_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
+    import polaris_opt.recipe as recipe_module
+
+    def refuse(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(recipe_module.os, "replace", refuse)
+    with pytest.raises(BadInput, match="No space left"):
+        save_recipe(Recipe("cleanup"), tmp_path / "r.yaml")
+    assert list(tmp_path.iterdir()) == []
