@@ -20,9 +20,10 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 
-from polaris_opt.export import proto_graphs, skeleton_model
+from polaris_opt.export import skeleton_model
 from polaris_opt.graph_io import PROTOBUF_LIMIT
 from polaris_opt.passes_api import Pass, PassContext, PassResult
+from polaris_opt.proto import proto_graphs
 from polaris_opt.surgery import STANDARD_DOMAINS, is_standard_domain, iter_graphs, producer
 
 

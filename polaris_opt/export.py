@@ -26,6 +26,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
+from polaris_opt.proto import attr_graphs, proto_graphs
 from polaris_opt.surgery import iter_graphs
 
 BIG_WEIGHT_ELEMENTS = 1024  # larger weights are exported as shells
@@ -166,19 +167,6 @@ def _dedupe_subgraph_initializers(graph: onnx.GraphProto, outer: set[str]) -> No
         for tensor in [t for t in sub.initializer if t.name in visible]:
             sub.initializer.remove(tensor)
         _dedupe_subgraph_initializers(sub, visible)
-
-
-def proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """`graph` and every sub-graph nested in it, outer graphs first."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in attr_graphs(attr):
-                yield from proto_graphs(sub)
-
-
-def attr_graphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
-    return ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
 
 
 # ----------------------------------------------------------------------------- payloads

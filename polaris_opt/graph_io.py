@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 
 from polaris_opt import __version__
 from polaris_opt.errors import BadInput
-from polaris_opt.export import attr_graphs
+from polaris_opt.proto import proto_graphs, proto_nodes
 
 MIN_OPSET = 11
 # Protobuf cannot serialise a message above 2 GiB; beyond this, tensors must go to a side file.
@@ -109,28 +109,27 @@ def _checker_problem(model: onnx.ModelProto | bytes | str) -> str | None:
 
 def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """Every TensorProto in a graph and its sub-graphs: initializers, sparse parts, attributes."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from iter_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from iter_tensors(sub)
+    for g in proto_graphs(graph):
+        yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in g.node:
+            yield from _attribute_tensors(node)
 
 
 def iter_model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     yield from iter_tensors(model.graph)
     for function in model.functions:
         for node in function.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
+            yield from _attribute_tensors(node)
+
+
+def _attribute_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
 
 
 def _external_fields(tensor: onnx.TensorProto) -> dict[str, str]:
@@ -335,19 +334,11 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
     """The IR every pass works on."""
-    sparse_constants = [node for node in _all_nodes(model.graph) if _sparse_value(node) is not None]
+    sparse_constants = [node for node in proto_nodes(model.graph) if _sparse_value(node) is not None]
     if sparse_constants:
         # graphsurgeon drops a Constant's `sparse_value` on import, leaving a node with no value.
         model = _with_dense_constants(model)
     return gs.import_onnx(model)
-
-
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            for sub in attr_graphs(attr):
-                yield from _all_nodes(sub)
 
 
 def _sparse_value(node: onnx.NodeProto) -> onnx.AttributeProto | None:
@@ -359,7 +350,7 @@ def _sparse_value(node: onnx.NodeProto) -> onnx.AttributeProto | None:
 def _with_dense_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     dense = onnx.ModelProto()
     dense.CopyFrom(model)
-    for node in _all_nodes(dense.graph):
+    for node in proto_nodes(dense.graph):
         attr = _sparse_value(node)
         if attr is not None:
             value = onnx.numpy_helper.from_array(densify(attr.sparse_tensor), node.output[0])

@@ -7,6 +7,7 @@ summarized in well under a second (no graphsurgeon import of the whole graph).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections import Counter
@@ -17,6 +18,8 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from polaris_opt.proto import proto_graphs
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 # Types narrower than a byte are packed; bytes on disk are elements * bits / 8, not itemsize.
@@ -113,12 +116,7 @@ def dtype_name(data_type: int) -> str:
 
 def _subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """Every graph nested in `graph`'s nodes (If branches, Loop and Scan bodies), recursively."""
-    for node in graph.node:
-        for attr in node.attribute:
-            nested = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
-            for sub in nested:
-                yield sub
-                yield from _subgraphs(sub)
+    return itertools.islice(proto_graphs(graph), 1, None)
 
 
 def _tensor_rows(graph: onnx.GraphProto) -> Iterator[dict[str, Any]]:

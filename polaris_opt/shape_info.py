@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from polaris_opt.passes.infer_shapes import inference_skeleton
+from polaris_opt.proto import proto_graphs
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,8 @@ def infer_tensor_info(graph: gs.Graph) -> dict[str, TensorInfo]:
 
 
 def _value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
-    yield from (*graph.input, *graph.output, *graph.value_info)
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else attr.graphs:
-                yield from _value_infos(sub)
+    for g in proto_graphs(graph):
+        yield from (*g.input, *g.output, *g.value_info)
 
 
 def _tensor_info(value_info: onnx.ValueInfoProto) -> TensorInfo | None:

@@ -7,7 +7,6 @@ structure (`op_counts`), numerics (`assert_same_outputs`) and `onnx.checker`.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 
 import numpy as np
 import onnx
@@ -16,6 +15,7 @@ from polaris_opt.export import to_model
 from polaris_opt.graph_io import to_graph
 from polaris_opt.numerics import compare_outputs, run_model
 from polaris_opt.passes_api import Pass, PassContext
+from polaris_opt.proto import proto_nodes
 
 
 def run_pass(p: Pass, model: onnx.ModelProto, ctx: PassContext | None = None) -> onnx.ModelProto:
@@ -45,22 +45,12 @@ def op_counts(model: onnx.ModelProto | onnx.GraphProto, recursive: bool = False)
     can tell `com.microsoft.FusedGelu` from a standard op of the same name.
     """
     graph = model.graph if isinstance(model, onnx.ModelProto) else model
-    nodes = _iter_nodes(graph) if recursive else iter(graph.node)
+    nodes = proto_nodes(graph) if recursive else iter(graph.node)
     return Counter(_op_key(node) for node in nodes)
 
 
 def _op_key(node: onnx.NodeProto) -> str:
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-
-
-def _iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _iter_nodes(attr.g)
-            for sub in attr.graphs:
-                yield from _iter_nodes(sub)
 
 
 def assert_same_outputs(

@@ -14,11 +14,11 @@ import pytest
 from helpers import assert_same_outputs
 from onnx import TensorProto, numpy_helper
 
-from polaris_opt import export
 from polaris_opt.export import skeleton_model, tensor_problem, to_model
 from polaris_opt.graph_io import to_graph
 from polaris_opt.passes.fold_constants import FoldConstants
 from polaris_opt.passes_api import PassContext
+from polaris_opt.proto import proto_graphs
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 ZOO = json.loads((MODELS / "zoo.json").read_text())["models"]
@@ -53,7 +53,7 @@ def scopes_model() -> onnx.ModelProto:
 def weights(model: onnx.ModelProto) -> dict[str, bytes]:
     """name -> payload bytes, of every initializer in every graph."""
     found = {}
-    for graph in export.proto_graphs(model.graph):
+    for graph in proto_graphs(model.graph):
         found.update({t.name: numpy_helper.to_array(t).tobytes() for t in graph.initializer})
     return found
 
