@@ -1,6 +1,6 @@
 """infer-shapes: ONNX shape inference, its dtypes and shapes written onto the graph's tensors.
 
-The graph is exported to a *skeleton* model for inference (polaris_opt.export): big
+The graph is exported to a *skeleton* model for inference (polaris_opt.shape_info): big
 weights, in any graph, become top-level inputs of the same type and shape, without their
 values, so the skeleton stays far below protobuf's 2 GB limit even for models above it.
 
@@ -20,11 +20,10 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 
-from polaris_opt.export import skeleton_model
 from polaris_opt.graph_io import PROTOBUF_LIMIT
 from polaris_opt.passes_api import Pass, PassContext, PassResult
-from polaris_opt.proto import proto_graphs
-from polaris_opt.surgery import STANDARD_DOMAINS, is_standard_domain, iter_graphs, producer
+from polaris_opt.shape_info import inference_skeleton
+from polaris_opt.surgery import is_standard_domain, iter_graphs, producer
 
 
 @dataclass(frozen=True)
@@ -45,23 +44,6 @@ class InferShapes(Pass):
             return PassResult(modified=False, stats={**_count(graph), "skipped": "inference failed"})
         apply_types(graph, inferred.graph)
         return PassResult(modified=_snapshot(graph) != before, stats=_count(graph))
-
-
-def inference_skeleton(graph: gs.Graph) -> onnx.ModelProto:
-    """The graph as a model fit for inference: a skeleton, less the value-info inference redoes."""
-    model = skeleton_model(graph)
-    for g in proto_graphs(model.graph):
-        _forget_inferable(g)
-    return model
-
-
-def _forget_inferable(graph: onnx.GraphProto) -> None:
-    """Drop value-info of tensors standard ops compute: inference recomputes it, and stale
-    value-info (a shape from before folding) would otherwise be kept over the inferred one."""
-    inferable = {out for node in graph.node if node.domain in STANDARD_DOMAINS for out in node.output}
-    kept = [vi for vi in graph.value_info if vi.name not in inferable]
-    del graph.value_info[:]
-    graph.value_info.extend(kept)
 
 
 def apply_types(graph: gs.Graph, inferred: onnx.GraphProto) -> None:

@@ -16,8 +16,9 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
-from polaris_opt.passes.infer_shapes import inference_skeleton
+from polaris_opt.export import skeleton_model
 from polaris_opt.proto import proto_graphs
+from polaris_opt.surgery import STANDARD_DOMAINS
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,23 @@ class TensorInfo:
     def nbytes(self) -> int | None:
         static = all(d is not None for d in self.dims)
         return int(np.prod(self.dims, dtype=np.int64)) * self.itemsize if static else None
+
+
+def inference_skeleton(graph: gs.Graph) -> onnx.ModelProto:
+    """The graph as a model fit for inference: a skeleton, less the value-info inference redoes."""
+    model = skeleton_model(graph)
+    for g in proto_graphs(model.graph):
+        _forget_inferable(g)
+    return model
+
+
+def _forget_inferable(graph: onnx.GraphProto) -> None:
+    """Drop value-info of tensors standard ops compute: inference recomputes it, and stale
+    value-info (a shape from before folding) would otherwise be kept over the inferred one."""
+    inferable = {out for node in graph.node if node.domain in STANDARD_DOMAINS for out in node.output}
+    kept = [vi for vi in graph.value_info if vi.name not in inferable]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
 
 
 def infer_tensor_info(graph: gs.Graph) -> dict[str, TensorInfo]:
