@@ -11,8 +11,7 @@ import numpy as np
 import onnx
 
 from polaris_opt.errors import PassFailed, PolarisError
-from polaris_opt.export import to_model
-from polaris_opt.graph_io import to_graph
+from polaris_opt.export import to_graph, to_model
 from polaris_opt.passes_api import PassContext, Stat
 from polaris_opt.pipeline import Pipeline
 from polaris_opt.verify import Verifier, VerifyMode

@@ -1,4 +1,7 @@
-"""graphsurgeon graph → ONNX model: in full, or as a skeleton without the big weights' payloads.
+"""ONNX model ⇄ graphsurgeon graph: import, and export in full or as a skeleton without the big
+weights' payloads.
+
+Import densifies `Constant(sparse_value)` nodes, which graphsurgeon would silently drop.
 
 Both exports hand graphsurgeon's exporter *shells* for the big weights: TensorProtos of their
 name, type and dims alone. graphsurgeon's own export copies every weight twice (into a graph,
@@ -21,12 +24,13 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
-from polaris_opt.proto import attr_graphs, proto_graphs
+from polaris_opt.proto import attr_graphs, proto_graphs, proto_nodes
 from polaris_opt.surgery import iter_graphs
 
 BIG_WEIGHT_ELEMENTS = 1024  # larger weights are exported as shells
@@ -40,6 +44,50 @@ _RAW_ITEMSIZE = {
     + (_T.INT8, _T.UINT8, _T.INT16, _T.UINT16, _T.INT32, _T.UINT32, _T.INT64, _T.UINT64)
 }
 _TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+# --------------------------------------------------------------------------------- import
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    """The IR every pass works on."""
+    sparse_constants = [node for node in proto_nodes(model.graph) if _sparse_value(node) is not None]
+    if sparse_constants:
+        # graphsurgeon drops a Constant's `sparse_value` on import, leaving a node with no value.
+        model = _with_dense_constants(model)
+    return gs.import_onnx(model)
+
+
+def _sparse_value(node: onnx.NodeProto) -> onnx.AttributeProto | None:
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    return next((attr for attr in node.attribute if attr.name == "sparse_value"), None)
+
+
+def _with_dense_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    dense = onnx.ModelProto()
+    dense.CopyFrom(model)
+    for node in proto_nodes(dense.graph):
+        attr = _sparse_value(node)
+        if attr is not None:
+            value = onnx.numpy_helper.from_array(densify(attr.sparse_tensor), node.output[0])
+            node.attribute.remove(attr)
+            node.attribute.append(onnx.helper.make_attribute("value", value))
+    return dense
+
+
+def densify(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    """The dense array of a SparseTensorProto (COO indices, linear [NNZ] or [NNZ, rank])."""
+    values = onnx.numpy_helper.to_array(sparse.values)
+    indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
+    dense = np.zeros(int(np.prod(sparse.dims)), dtype=values.dtype)
+    if indices.ndim == 2:
+        indices = np.ravel_multi_index(indices.T, tuple(sparse.dims))
+    dense[indices] = values
+    return dense.reshape(tuple(sparse.dims))
+
+
+# --------------------------------------------------------------------------------- export
 
 
 def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:

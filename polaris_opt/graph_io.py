@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
 from polaris_opt import __version__
 from polaris_opt.errors import BadInput
-from polaris_opt.proto import proto_graphs, proto_nodes
+from polaris_opt.proto import proto_graphs
 
 MIN_OPSET = 11
 # Protobuf cannot serialise a message above 2 GiB; beyond this, tensors must go to a side file.
@@ -327,44 +326,3 @@ def default_opset(model: onnx.ModelProto) -> int:
         if opset.domain in ("", "ai.onnx"):
             return opset.version
     return 0
-
-
-# ------------------------------------------------------------------------- onnx-graphsurgeon
-
-
-def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    """The IR every pass works on."""
-    sparse_constants = [node for node in proto_nodes(model.graph) if _sparse_value(node) is not None]
-    if sparse_constants:
-        # graphsurgeon drops a Constant's `sparse_value` on import, leaving a node with no value.
-        model = _with_dense_constants(model)
-    return gs.import_onnx(model)
-
-
-def _sparse_value(node: onnx.NodeProto) -> onnx.AttributeProto | None:
-    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
-        return None
-    return next((attr for attr in node.attribute if attr.name == "sparse_value"), None)
-
-
-def _with_dense_constants(model: onnx.ModelProto) -> onnx.ModelProto:
-    dense = onnx.ModelProto()
-    dense.CopyFrom(model)
-    for node in proto_nodes(dense.graph):
-        attr = _sparse_value(node)
-        if attr is not None:
-            value = onnx.numpy_helper.from_array(densify(attr.sparse_tensor), node.output[0])
-            node.attribute.remove(attr)
-            node.attribute.append(onnx.helper.make_attribute("value", value))
-    return dense
-
-
-def densify(sparse: onnx.SparseTensorProto) -> np.ndarray:
-    """The dense array of a SparseTensorProto (COO indices, linear [NNZ] or [NNZ, rank])."""
-    values = onnx.numpy_helper.to_array(sparse.values)
-    indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
-    dense = np.zeros(int(np.prod(sparse.dims)), dtype=values.dtype)
-    if indices.ndim == 2:
-        indices = np.ravel_multi_index(indices.T, tuple(sparse.dims))
-    dense[indices] = values
-    return dense.reshape(tuple(sparse.dims))

@@ -11,8 +11,7 @@ from collections import Counter
 import numpy as np
 import onnx
 
-from polaris_opt.export import to_model
-from polaris_opt.graph_io import to_graph
+from polaris_opt.export import to_graph, to_model
 from polaris_opt.numerics import compare_outputs, run_model
 from polaris_opt.passes_api import Pass, PassContext
 from polaris_opt.proto import proto_nodes

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from helpers import assert_same_outputs, op_counts, run_pass
 
-from polaris_opt.graph_io import to_graph
+from polaris_opt.export import to_graph
 from polaris_opt.passes.eliminate_dead_code import EliminateDeadCode
 from polaris_opt.passes_api import PassContext
 

@@ -14,8 +14,7 @@ import pytest
 from helpers import assert_same_outputs
 from onnx import TensorProto, numpy_helper
 
-from polaris_opt.export import skeleton_model, tensor_problem, to_model
-from polaris_opt.graph_io import to_graph
+from polaris_opt.export import skeleton_model, tensor_problem, to_graph, to_model
 from polaris_opt.passes.fold_constants import FoldConstants
 from polaris_opt.passes_api import PassContext
 from polaris_opt.proto import proto_graphs

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from polaris_opt import __version__, graph_io
 from polaris_opt.errors import BadInput
-from polaris_opt.export import to_model
+from polaris_opt.export import to_graph, to_model
 from polaris_opt.graph_io import load_model, max_ir_version_for_ort, save_model
 from polaris_opt.numerics import run_model
 
@@ -280,7 +280,7 @@ def test_round_trip_keeps_a_weight_read_only_by_if_branches_once():
         [numpy_helper.from_array(weight, "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    out = to_model(graph_io.to_graph(model), model)
+    out = to_model(to_graph(model), model)
     names = [
         [t.name for t in g.initializer] for g in (out.graph, *(a.g for a in out.graph.node[0].attribute))
     ]
@@ -307,6 +307,6 @@ def test_a_sparse_constant_survives_the_round_trip_as_a_dense_one(linear):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    out = to_model(graph_io.to_graph(model), model)
+    out = to_model(to_graph(model), model)
     x = np.zeros((2, 3), np.float32)
     np.testing.assert_array_equal(run_model(out, {"x": x})["y"], [[0, 1.5, 0], [0, 0, -2.0]])

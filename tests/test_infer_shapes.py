@@ -8,8 +8,7 @@ import onnx
 import pytest
 from helpers import assert_same_outputs, run_pass
 
-from polaris_opt.export import skeleton_model
-from polaris_opt.graph_io import to_graph
+from polaris_opt.export import skeleton_model, to_graph
 from polaris_opt.passes.infer_shapes import InferShapes
 from polaris_opt.passes_api import PassContext
 

@@ -8,7 +8,7 @@ import onnx
 from helpers import assert_same_outputs, op_counts, run_pass
 from onnx import numpy_helper
 
-from polaris_opt.graph_io import to_graph
+from polaris_opt.export import to_graph
 from polaris_opt.passes.lift_constants import LiftConstants
 from polaris_opt.passes_api import PassContext
 

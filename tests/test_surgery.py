@@ -8,8 +8,7 @@ import onnx_graphsurgeon as gs
 from helpers import assert_same_outputs
 
 from polaris_opt import surgery
-from polaris_opt.export import to_model
-from polaris_opt.graph_io import to_graph
+from polaris_opt.export import to_graph, to_model
 
 NESTED = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,3] x, bool c) => (float[N,3] y) <float[3] w = {1.0, 2.0, 3.0}> {
