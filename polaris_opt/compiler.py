@@ -14,6 +14,7 @@ from polaris_opt.errors import PassFailed, PolarisError
 from polaris_opt.export import to_graph, to_model
 from polaris_opt.passes_api import PassContext, Stat
 from polaris_opt.pipeline import Pipeline
+from polaris_opt.surgery import iter_graphs
 from polaris_opt.verify import Verifier, VerifyMode
 
 
@@ -87,10 +88,4 @@ def _run_one(step: str, pass_, graph, ctx: PassContext):
 
 def count_nodes(graph) -> int:
     """Nodes in a graph and all its sub-graphs."""
-    total = 0
-    for node in graph.nodes:
-        total += 1
-        for value in node.attrs.values():
-            subgraphs = value if isinstance(value, list) else [value]
-            total += sum(count_nodes(g) for g in subgraphs if hasattr(g, "nodes"))
-    return total
+    return sum(len(g.nodes) for g in iter_graphs(graph))
