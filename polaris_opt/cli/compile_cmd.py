@@ -58,8 +58,8 @@ def compile(
     from polaris_opt.recipe import save_recipe as write_recipe
 
     out = OUTPUT.merged(json=json, quiet=quiet, debug=debug)
-    chosen = _choose_recipe(pipeline, recipe, verify)
-    steps = chosen.parsed_pipeline()
+    # Everything the command line says is checked before the model is read.
+    chosen, steps, verify_mode = _choose_recipe(pipeline, recipe, verify)
     check_output_path(output, input_path=model, force=force)
     feeds = _load_feeds(sample_input) if sample_input else None
     if dump_dir is not None:
@@ -71,7 +71,7 @@ def compile(
             source,
             steps,
             ctx=PassContext(model_dir=model.parent, seed=chosen.seed),
-            verify=_verify_mode(chosen.verify),
+            verify=verify_mode,
             feeds=feeds,
             dump_dir=dump_dir,
             on_pass=lambda _report: advance(1),
@@ -105,10 +105,8 @@ def _choose_recipe(pipeline: str | None, recipe_path: Path | None, verify: str |
         raise BadInput("give exactly one of --pipeline TEXT or --recipe FILE")
     chosen = load_recipe(recipe_path) if recipe_path else Recipe(pipeline=pipeline)
     if verify is not None:
-        _verify_mode(verify)
         chosen = replace(chosen, verify=verify)
-    chosen.parsed_pipeline()
-    return chosen
+    return chosen, chosen.parsed_pipeline(), _verify_mode(chosen.verify)
 
 
 def _verify_mode(text: str):
