@@ -29,6 +29,7 @@ class PassReport:
     nodes_before: int
     nodes_after: int
     verify_seconds: float = 0.0
+    details: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -81,7 +82,13 @@ def _run_one(step: str, pass_, graph, ctx: PassContext):
     seconds = time.perf_counter() - started
     graph = outcome.graph if outcome.graph is not None else graph
     report = PassReport(
-        step, seconds, outcome.modified, dict(outcome.stats), nodes_before, count_nodes(graph)
+        step,
+        seconds,
+        outcome.modified,
+        dict(outcome.stats),
+        nodes_before,
+        count_nodes(graph),
+        details=dict(outcome.details),
     )
     return report, graph
 

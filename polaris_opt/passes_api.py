@@ -11,6 +11,8 @@ import dataclasses
 import enum
 import logging
 import typing
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -18,8 +20,19 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
 
+    from polaris_opt.calib_data import CalibrationSource
+    from polaris_opt.calib_stats import CalibrationTable
+
 
 Stat = int | float | str
+# `progress(description, total)` opens a progress bar and yields `advance(n=1)`.
+Progress = Callable[[str, "int | None"], AbstractContextManager[Callable[..., None]]]
+
+
+@contextmanager
+def no_progress(description: str, total: int | None) -> Iterator[Callable[..., None]]:
+    """The default progress bar: draws nothing."""
+    yield lambda n=1: None
 
 
 @dataclass
@@ -33,6 +46,13 @@ class PassContext:
     # Folder for cached results (calibration statistics) shared between runs.
     cache_dir: Path | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("polaris_opt"))
+    # Where calibration batches come from (--calib); None when the run was given no data.
+    calib: CalibrationSource | None = None
+    # Written by the `calibrate` pass, read by the passes after it: ranges and statistics per tensor.
+    calibration: CalibrationTable | None = None
+    # ONNX Runtime intra-op threads for sessions a pass creates (calibration, analysis).
+    threads: int = 1
+    progress: Progress = no_progress
 
 
 @dataclass
@@ -45,6 +65,8 @@ class PassResult:
     modified: bool
     stats: dict[str, Stat] = field(default_factory=dict)
     graph: gs.Graph | None = None
+    # Structured findings for reports and --json (per-layer tables, lists of skipped nodes).
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
