@@ -95,10 +95,23 @@ def compare_models(
     agreements = {name: Agreement() for name in names}
     for batch in batches:
         ref_values = reference.run(names, batch)
-        got_values = candidate.run(names, batch)
+        got_values = candidate.run(names, _as_declared(candidate, batch))
         for name, ref, got in zip(names, ref_values, got_values, strict=True):
             agreements[name].add(ref, got)
     return agreements
+
+
+_DECLARED = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def _as_declared(session, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch with float inputs cast to the session's declared types (an FP16 model whose
+    inputs became float16 is fed the same data as its float32 reference)."""
+    types = {i.name: _DECLARED.get(i.type) for i in session.get_inputs()}
+    return {
+        name: value.astype(types[name]) if types.get(name) and value.dtype.kind == "f" else value
+        for name, value in batch.items()
+    }
 
 
 def overall(agreements: dict[str, Agreement]) -> Agreement:

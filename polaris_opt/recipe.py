@@ -1,11 +1,15 @@
 """Recipe files: a pipeline plus its run settings, in YAML (safe_load) or JSON.
 
     # polaris-opt recipe
-    pipeline: cleanup,fold-constants{max-size-mb=16}
+    pipeline: cleanup,calibrate{method=entropy},quantize
     verify: numeric
     seed: 0
+    calibration:              # only for pipelines that calibrate
+      data: models/resnet_s.calib.npz
+      batch_size: 16
 
-`pipeline` may also be a list of steps. Keys and types are checked strictly: a recipe from a
+`pipeline` may also be a list of steps. A calibration `data` path is read relative to the
+working directory, as it would be on the command line. Keys and types are checked strictly: a recipe from a
 stranger is data, never code (DESIGN.md §10).
 """
 
@@ -28,12 +32,16 @@ class Recipe:
     pipeline: str
     verify: str = VerifyMode.STRUCTURE.value
     seed: int = 0
+    # Where calibration batches come from and how they are cut: data, batch_size, limit, image.
+    calibration: dict | None = None
 
     def parsed_pipeline(self) -> Pipeline:
         return Pipeline.parse(self.pipeline)
 
 
-_TYPES = {"pipeline": (str, list), "verify": (str,), "seed": (int,)}
+_TYPES = {"pipeline": (str, list), "verify": (str,), "seed": (int,), "calibration": (dict,)}
+_CALIBRATION_TYPES = {"data": (str,), "batch_size": (int,), "limit": (int,), "image": (dict,)}
+_IMAGE_KEYS = {"size", "mean", "std", "layout", "bgr"}
 # Written by --save-recipe for the reader's information; accepted and ignored on load.
 _INFORMATIONAL = {"polaris-opt"}
 
@@ -58,9 +66,29 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     verify = data.get("verify", Recipe.verify)
     if verify not in {m.value for m in VerifyMode}:
         raise BadInput(f"recipe {path}: 'verify' must be one of none, structure, numeric; got '{verify}'")
-    recipe = Recipe(pipeline=pipeline, verify=verify, seed=data.get("seed", Recipe.seed))
+    calibration = data.get("calibration")
+    if calibration is not None:
+        _check_calibration(path, calibration)
+    recipe = Recipe(
+        pipeline=pipeline, verify=verify, seed=data.get("seed", Recipe.seed), calibration=calibration
+    )
     recipe.parsed_pipeline()  # fail now, naming the recipe, rather than after loading the model
     return recipe
+
+
+def _check_calibration(path: Path, calibration: dict) -> None:
+    for key, value in calibration.items():
+        if key not in _CALIBRATION_TYPES:
+            valid = ", ".join(sorted(_CALIBRATION_TYPES))
+            raise BadInput(f"recipe {path}: unknown key 'calibration.{key}'; valid keys: {valid}")
+        allowed = _CALIBRATION_TYPES[key]
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            raise BadInput(f"recipe {path}: 'calibration.{key}' must be {allowed[0].__name__}, got {value!r}")
+    if "data" not in calibration:
+        raise BadInput(f"recipe {path}: 'calibration' needs a 'data' key (a file, a folder or 'random')")
+    unknown = set(calibration.get("image", {})) - _IMAGE_KEYS
+    if unknown:
+        raise BadInput(f"recipe {path}: unknown key(s) in 'calibration.image': {', '.join(sorted(unknown))}")
 
 
 def _read_mapping(path: Path) -> dict:
@@ -102,6 +130,8 @@ def save_recipe(recipe: Recipe, path: str | os.PathLike) -> Path:
     """Write `recipe` atomically; JSON for a .json name, YAML otherwise."""
     path = Path(path)
     data = {"polaris-opt": __version__, **asdict(recipe)}
+    if data["calibration"] is None:
+        del data["calibration"]
     if path.suffix.lower() == ".json":
         text = json.dumps(data, indent=2) + "\n"
     else:

@@ -33,6 +33,13 @@ def test_save_then_load_gives_the_same_recipe(tmp_path, name):
     assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left
 
 
+@pytest.mark.parametrize("name", ["r.yaml", "r.json"])
+def test_calibration_settings_round_trip(tmp_path, name):
+    calibration = {"data": "images/", "batch_size": 8, "limit": 64, "image": {"size": [32, 32], "bgr": True}}
+    recipe = Recipe("cleanup,calibrate{method=entropy},quantize", calibration=calibration)
+    assert load_recipe(save_recipe(recipe, tmp_path / name)) == recipe
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -41,7 +48,11 @@ def test_save_then_load_gives_the_same_recipe(tmp_path, name):
         ("pipeline: cleanup\nseed: true\n", "'seed' must be int, got bool"),
         ("pipeline: [cleanup, 4]\n", "string or a list of strings"),
         ("pipeline: cleanup\nverify: sometimes\n", "'verify' must be one of"),
-        ("pipeline: cleanup\ncolour: blue\n", "unknown key 'colour'; valid keys: pipeline, seed, verify"),
+        ("pipeline: cleanup\ncolour: blue\n", "unknown key 'colour'; valid keys: calibration, pipeline, seed, verify"),
+            ("pipeline: cleanup\ncalibration: {batch_size: 4}\n", "'calibration' needs a 'data' key"),
+            ("pipeline: cleanup\ncalibration: {data: x.npz, rows: 4}\n", "unknown key 'calibration.rows'"),
+            ("pipeline: cleanup\ncalibration: {data: x.npz, batch_size: '4'}\n", "'calibration.batch_size' must be int"),
+            ("pipeline: cleanup\ncalibration: {data: d, image: {zoom: 2}}\n", "unknown key\\(s\\) in 'calibration.image'"),
         ("verify: none\n", "missing required key 'pipeline'"),
         ("- cleanup\n", "expected a mapping"),
         ("pipeline: [unclosed\n", "invalid YAML"),

@@ -49,8 +49,9 @@ def root(
 
 
 def _register_commands() -> None:
-    from polaris_opt.cli import compile_cmd, devices_cmd, inspect_cmd, passes_cmd
+    from polaris_opt.cli import compile_cmd, devices_cmd, inspect_cmd, passes_cmd, quantize_cmd
 
+    app.command("quantize")(quantize_cmd.quantize)
     app.command("compile")(compile_cmd.compile)
     app.command("inspect")(inspect_cmd.inspect)
     app.command("devices")(devices_cmd.devices)

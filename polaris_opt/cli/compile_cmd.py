@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from polaris_opt.cli.calib_options import CacheDirOpt, CalibOpt, NoCacheFlag, ThreadsOpt
 from polaris_opt.cli.options import DebugFlag, ForceFlag, JsonFlag, ModelArg, OutputOpt, QuietFlag
 
 PipelineOpt = Annotated[
@@ -43,6 +44,10 @@ def compile(
     save_recipe: SaveRecipeOpt = None,
     external_data: ExternalDataOpt = False,
     dump_dir: DumpOpt = None,
+    calib: CalibOpt = None,
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheFlag = False,
+    threads: ThreadsOpt = 1,
     force: ForceFlag = False,
     json: JsonFlag = False,
     quiet: QuietFlag = False,
@@ -52,6 +57,7 @@ def compile(
     import gc
 
     from polaris_opt.cli import OUTPUT
+    from polaris_opt.cli.calib_options import cache_folder
     from polaris_opt.compiler import run_pipeline
     from polaris_opt.graph_io import check_output_path, load_model, save_model
     from polaris_opt.passes_api import PassContext
@@ -66,11 +72,21 @@ def compile(
         dump_dir.mkdir(parents=True, exist_ok=True)
 
     source = load_model(model)
+    ctx = PassContext(
+        model_dir=model.parent,
+        seed=chosen.seed,
+        cache_dir=cache_folder(cache_dir, no_cache),
+        calib=_calibration(chosen, calib, source),
+        threads=threads,
+        progress=out.progress,
+    )
+    for warning in getattr(ctx.calib, "warnings", []):
+        out.warn(warning)
     with out.progress("passes", total=len(steps.passes())) as advance:
         result = run_pipeline(
             source,
             steps,
-            ctx=PassContext(model_dir=model.parent, seed=chosen.seed),
+            ctx=ctx,
             verify=verify_mode,
             feeds=feeds,
             dump_dir=dump_dir,
@@ -107,6 +123,28 @@ def _choose_recipe(pipeline: str | None, recipe_path: Path | None, verify: str |
     if verify is not None:
         chosen = replace(chosen, verify=verify)
     return chosen, chosen.parsed_pipeline(), _verify_mode(chosen.verify)
+
+
+def _calibration(recipe, calib: str | None, model):
+    """The calibration source: --calib wins over the recipe's `calibration.data`; None when neither."""
+    settings = dict(recipe.calibration or {})
+    if calib is not None:
+        settings["data"] = calib
+    if "data" not in settings:
+        return None
+    from polaris_opt.calib_data import ImageSpec, open_calibration
+
+    image = settings.get("image")
+    if image is not None:
+        image = ImageSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in image.items()})
+    return open_calibration(
+        settings["data"],
+        model,
+        batch_size=settings.get("batch_size", 16),
+        limit=settings.get("limit"),
+        image=image,
+        seed=recipe.seed,
+    )
 
 
 def _verify_mode(text: str):

@@ -1,0 +1,235 @@
+"""`polaris-opt quantize`: INT8 static or dynamic, FP16 or INT4 — a thin layer over polaris_opt.quantize."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from polaris_opt.cli.calib_options import (
+    BatchSizeOpt,
+    BgrOpt,
+    CacheDirOpt,
+    CalibOpt,
+    LayoutOpt,
+    LimitOpt,
+    MeanOpt,
+    NoCacheFlag,
+    SizeOpt,
+    StdOpt,
+    ThreadsOpt,
+)
+from polaris_opt.cli.options import DebugFlag, ForceFlag, JsonFlag, ModelArg, OutputOpt, QuietFlag
+
+Int8Flag = Annotated[bool, typer.Option("--int8", help="INT8: static QDQ with calibration (or --dynamic).")]
+Fp16Flag = Annotated[bool, typer.Option("--fp16", help="FP16 weights and compute.")]
+Int4Flag = Annotated[
+    bool, typer.Option("--int4", help="INT4 weight-only MatMul (com.microsoft.MatMulNBits).")
+]
+DynamicFlag = Annotated[
+    bool, typer.Option("--dynamic", help="With --int8: quantize activations at run time; no calibration.")
+]
+MethodOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--method",
+        help="--int8: minmax|percentile|entropy|mse (default minmax); --int4: rtn|gptq (default rtn).",
+    ),
+]
+PercentileOpt = Annotated[float, typer.Option("--percentile", help="Percentile kept by --method percentile.")]
+PerTensorFlag = Annotated[
+    bool, typer.Option("--per-tensor", help="One weight scale per tensor instead of per output channel.")
+]
+ActivationsOpt = Annotated[
+    str, typer.Option("--activations", help="Activations: uint8 (asymmetric) or int8 (symmetric).")
+]
+ExcludeOpt = Annotated[
+    list[str] | None,
+    typer.Option("--exclude", help="Keep this node name or op type in float (repeatable)."),
+]
+BiasCorrectionFlag = Annotated[
+    bool, typer.Option("--bias-correction", help="Re-fit biases for the mean shift weight rounding causes.")
+]
+BlockSizeOpt = Annotated[int, typer.Option("--block-size", help="--int4: weights per scale (32, 64, 128).")]
+AsymmetricFlag = Annotated[bool, typer.Option("--asymmetric", help="--int4: a zero point per block.")]
+KeepIoFlag = Annotated[
+    bool, typer.Option("--keep-io-types/--no-keep-io-types", help="--fp16: keep float32 inputs and outputs.")
+]
+TargetSqnrOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--target-sqnr", help="Mixed precision: keep the most sensitive layers float until SQNR ≥ DB."
+    ),
+]
+MaxDropOpt = Annotated[
+    float | None,
+    typer.Option("--max-top1-drop", help="Mixed precision: allow at most PCT points of top-1 loss (--eval)."),
+]
+EvalOpt = Annotated[
+    Path | None,
+    typer.Option("--eval", help="Labelled data (.npz: the model's inputs + 'labels') for accuracy."),
+]
+SaveRecipeOpt = Annotated[
+    Path | None, typer.Option("--save-recipe", help="Write a recipe that reproduces this model exactly.")
+]
+
+
+def quantize(
+    model: ModelArg,
+    output: OutputOpt,
+    int8: Int8Flag = False,
+    fp16: Fp16Flag = False,
+    int4: Int4Flag = False,
+    dynamic: DynamicFlag = False,
+    calib: CalibOpt = None,
+    method: MethodOpt = None,
+    percentile: PercentileOpt = 99.99,
+    per_tensor: PerTensorFlag = False,
+    activations: ActivationsOpt = "uint8",
+    exclude: ExcludeOpt = None,
+    bias_correction: BiasCorrectionFlag = False,
+    block_size: BlockSizeOpt = 32,
+    asymmetric: AsymmetricFlag = False,
+    keep_io_types: KeepIoFlag = True,
+    target_sqnr: TargetSqnrOpt = None,
+    max_top1_drop: MaxDropOpt = None,
+    eval_data: EvalOpt = None,
+    save_recipe: SaveRecipeOpt = None,
+    batch_size: BatchSizeOpt = 16,
+    limit: LimitOpt = None,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    layout: LayoutOpt = "nchw",
+    bgr: BgrOpt = False,
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheFlag = False,
+    threads: ThreadsOpt = 1,
+    force: ForceFlag = False,
+    json: JsonFlag = False,
+    quiet: QuietFlag = False,
+    debug: DebugFlag = False,
+) -> None:
+    """Quantize MODEL to INT8 (static or --dynamic), FP16 or INT4 and report the fidelity it keeps."""
+    from polaris_opt.cli import OUTPUT
+    from polaris_opt.cli.calib_options import cache_folder, image_spec
+    from polaris_opt.graph_io import check_output_path, load_model, save_model
+    from polaris_opt.quantization import QuantizeOptions, load_eval_data, quantize
+
+    out = OUTPUT.merged(json=json, quiet=quiet, debug=debug)
+    options = QuantizeOptions(
+        mode=_mode(int8, fp16, int4, dynamic),
+        method=method,
+        percentile=percentile,
+        per_channel=not per_tensor,
+        activations=activations,
+        exclude=tuple(exclude or ()),
+        bias_correction=bias_correction,
+        block_size=block_size,
+        symmetric=not asymmetric,
+        keep_io_types=keep_io_types,
+    )
+    options.check()
+    image = image_spec(size, mean, std, layout, bgr)
+    check_output_path(output, input_path=model, force=force)
+    source = load_model(model)
+    labelled = load_eval_data(eval_data, source) if eval_data is not None else None
+    result = quantize(
+        source,
+        calib,
+        options=options,
+        target_sqnr=target_sqnr,
+        max_top1_drop=max_top1_drop,
+        eval_data=labelled,
+        batch_size=batch_size,
+        limit=limit,
+        image=image,
+        cache_dir=cache_folder(cache_dir, no_cache),
+        threads=threads,
+        progress=out.progress,
+    )
+    for warning in result.warnings:
+        out.warn(warning)
+    save_model(result.model, output, pipeline=result.pipeline, input_path=model, force=force)
+    if save_recipe is not None:
+        _write_recipe(save_recipe, result.pipeline, calib, batch_size, limit, image)
+    summary = {"input": str(model), "output": str(output), **result.report, "warnings": result.warnings}
+    summary["input_bytes"], summary["output_bytes"] = model.stat().st_size, output.stat().st_size
+    summary["size_ratio"] = summary["output_bytes"] / max(summary["input_bytes"], 1)
+    out.result(summary, lambda console: render(console, summary))
+
+
+def _mode(int8: bool, fp16: bool, int4: bool, dynamic: bool):
+    from polaris_opt.errors import BadInput
+    from polaris_opt.quantization import Mode
+
+    chosen = [name for name, on in (("--int8", int8), ("--fp16", fp16), ("--int4", int4)) if on]
+    if len(chosen) != 1:
+        raise BadInput("give exactly one of --int8, --fp16 or --int4")
+    if dynamic and not int8:
+        raise BadInput("--dynamic goes with --int8")
+    if int8:
+        return Mode.INT8_DYNAMIC if dynamic else Mode.INT8
+    return Mode.FP16 if fp16 else Mode.INT4
+
+
+def _write_recipe(path: Path, pipeline: str, calib, batch_size: int, limit, image) -> None:
+    from dataclasses import asdict
+
+    from polaris_opt.recipe import Recipe, save_recipe
+
+    calibration = None
+    if calib is not None:
+        calibration = {"data": calib, "batch_size": batch_size}
+        if limit is not None:
+            calibration["limit"] = limit
+        if image is not None:
+            calibration["image"] = {
+                k: list(v) if isinstance(v, tuple) else v for k, v in asdict(image).items()
+            }
+    save_recipe(Recipe(pipeline=pipeline, calibration=calibration), path)
+
+
+def render(console, summary: dict) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    layers = summary.get("layers", [])
+    if layers:
+        table = Table(title="Layers", title_justify="left")
+        for column in ("layer", "op", "precision", "note"):
+            table.add_column(column)
+        for layer in layers:
+            table.add_row(
+                escape(str(layer.get("name", ""))),
+                str(layer.get("op", "")),
+                str(layer.get("precision", "")),
+                escape(str(layer.get("reason", "") or "")),
+            )
+        console.print(table)
+    if summary.get("float_ops"):
+        left = ", ".join(f"{op} ×{count}" for op, count in summary["float_ops"].items())
+        console.print(f"left in float: {escape(left)}")
+    console.print(_fidelity_line(summary))
+    console.print(
+        f"wrote {escape(summary['output'])}: {summary['output_bytes'] / 1e6:.3f} MB "
+        f"({summary['size_ratio']:.2f}× the input's {summary['input_bytes'] / 1e6:.3f} MB)\n"
+        f"[dim]{escape(summary['pipeline'])}[/]"
+    )
+
+
+def _fidelity_line(summary: dict) -> str:
+    fidelity = summary["fidelity"]
+    line = (
+        f"fidelity on {fidelity['data']}: SQNR {fidelity['sqnr_db']:.1f} dB, cosine {fidelity['cosine']:.5f}"
+    )
+    if fidelity.get("top1_agreement") is not None:
+        line += f", top-1 agreement {100 * fidelity['top1_agreement']:.2f}%"
+    accuracy = summary.get("accuracy")
+    if accuracy:
+        line += (
+            f"\naccuracy: top-1 {100 * accuracy['top1_before']:.2f}% → {100 * accuracy['top1_after']:.2f}%"
+            f" (drop {accuracy['top1_drop']:.2f} points)"
+        )
+    return line
