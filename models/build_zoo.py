@@ -2,6 +2,7 @@
 
     python models/build_zoo.py [--out models] [--seed 0]   # the committed zoo and zoo.json
     python models/build_zoo.py --large PATH                # ~134 MB model, never committed
+    python models/build_zoo.py --calib-sets [--out models]  # only the <model>.calib.npz sets
 
 Every model has opset 17, IR version 8, a dynamic "batch" dimension, PyTorch-export naming and
 passes `onnx.checker.check_model(full_check=True)`. Each draws from its own random stream,
@@ -41,6 +42,17 @@ BUILDERS: dict[str, Builder] = {
 }
 DIGITS_TEST = "digits_test.npz"
 ACCURACY_INPUTS = {"digits_mlp": "x_mlp", "digits_cnn": "x_cnn"}  # model -> array in DIGITS_TEST
+# Samples in each <model>.calib.npz: the digits sets come from the training split, the others
+# are N(0, 1) noise like the sample inputs.
+CALIB_SAMPLES = {
+    "digits_mlp": 256,
+    "digits_cnn": 256,
+    "mobilenetv2_s": 64,
+    "resnet_s": 64,
+    "transformer_s": 64,
+}
+# Keys the calibration noise apart from the model's own stream (weights, then sample input).
+CALIB_STREAM = 1
 DEFAULT_OUT = Path(__file__).resolve().parent
 
 log = logging.getLogger("build_zoo")
@@ -54,6 +66,40 @@ def model_rng(name: str, seed: int) -> np.random.Generator:
 def sample_input_path(model_path: Path) -> Path:
     """models/resnet_s.onnx -> models/resnet_s.input.npz"""
     return model_path.with_name(f"{model_path.stem}.input.npz")
+
+
+def calibration_set_path(model_path: Path) -> Path:
+    """models/resnet_s.onnx -> models/resnet_s.calib.npz"""
+    return model_path.with_name(f"{model_path.stem}.calib.npz")
+
+
+def calibration_arrays(name: str, model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """A calibration set for a zoo model, in its input layout (each zoo model has one input).
+
+    The digits models get the first rows of the training split (already shuffled, stratified);
+    the random-init models get standard-normal noise drawn like their sample input, from a
+    stream of its own so it never repeats the sample input.
+    """
+    (value,) = model.graph.input
+    dims = [d.dim_value for d in value.type.tensor_type.shape.dim[1:]]
+    count = CALIB_SAMPLES[name]
+    if name in ACCURACY_INPUTS:
+        rows = digits.load_split().x_train[:count]
+        return {value.name: rows.reshape(count, *dims).astype(np.float32)}
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode()), CALIB_STREAM])
+    return {value.name: rng.standard_normal((count, *dims)).astype(np.float32)}
+
+
+def write_calibration_sets(out_dir: Path, seed: int = 0) -> list[Path]:
+    """Write <model>.calib.npz beside each zoo model in out_dir; the models are read, not rebuilt."""
+    written = []
+    for name in BUILDERS:
+        model_path = Path(out_dir) / f"{name}.onnx"
+        path = calibration_set_path(model_path)
+        save_npz(path, calibration_arrays(name, onnx.load(model_path), seed))
+        log.info("%-14s %9d bytes  %s", name, path.stat().st_size, path.name)
+        written.append(path)
+    return written
 
 
 def write_model(name: str, out_dir: Path, seed: int = 0) -> Path:
@@ -123,6 +169,7 @@ def build_zoo(out_dir: Path, seed: int) -> dict:
         "models": entries,
     }
     (out_dir / "zoo.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_calibration_sets(out_dir, seed)
     return index
 
 
@@ -144,9 +191,16 @@ def main(argv: list[str] | None = None) -> None:
         metavar="PATH",
         help="build only the large model at PATH (sample input beside it)",
     )
+    parser.add_argument(
+        "--calib-sets",
+        action="store_true",
+        help="write only the calibration sets (<model>.calib.npz) beside the models already in --out",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.large:
+    if args.calib_sets:
+        write_calibration_sets(args.out, args.seed)
+    elif args.large:
         build_large_model(args.large, args.seed)
     else:
         build_zoo(args.out, args.seed)

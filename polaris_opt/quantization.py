@@ -318,7 +318,7 @@ def load_eval_data(path: str | Path, model: onnx.ModelProto) -> tuple[dict[str, 
     missing = [n for n in names if n not in arrays]
     if missing:
         raise BadInput(f"--eval {path}: missing model input(s) {missing}; has {sorted(arrays)}")
-    rows = {len(arrays[n]) for n in names}
-    if rows != {len(labels)}:
-        raise BadInput(f"--eval {path}: {sorted(rows)} input rows for {len(labels)} labels")
+    for name in names:
+        if len(arrays[name]) != len(labels):
+            raise BadInput(f"--eval {path}: input '{name}' has {len(arrays[name])} rows for {len(labels)} labels")
     return {n: arrays[n] for n in names}, labels

@@ -8,27 +8,59 @@ from typing import Annotated
 
 import typer
 
+# Help-panel title that groups these options in `--help`.
+CALIBRATION = "Calibration data"
+
 CalibOpt = Annotated[
     str | None,
     typer.Option(
         "--calib",
+        rich_help_panel=CALIBRATION,
         help="Calibration data: an .npz (input name → batch), a folder of .npy/.npz or images, or 'random'.",
     ),
 ]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Samples per calibration batch.")]
-LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="Use at most this many samples.")]
-SizeOpt = Annotated[str | None, typer.Option("--size", help="Images: resize to HxW, e.g. 224x224.")]
-MeanOpt = Annotated[
-    str | None, typer.Option("--mean", help="Images: per-channel mean, e.g. 0.485,0.456,0.406.")
+BatchSizeOpt = Annotated[
+    int,
+    typer.Option("--batch-size", rich_help_panel=CALIBRATION, min=1, help="Samples per calibration batch."),
 ]
-StdOpt = Annotated[str | None, typer.Option("--std", help="Images: per-channel std, e.g. 0.229,0.224,0.225.")]
-LayoutOpt = Annotated[str, typer.Option("--layout", help="Images: nchw or nhwc.")]
-BgrOpt = Annotated[bool, typer.Option("--bgr/--rgb", help="Images: channel order.")]
+LimitOpt = Annotated[
+    int | None,
+    typer.Option("--limit", rich_help_panel=CALIBRATION, min=1, help="Use at most this many samples."),
+]
+SizeOpt = Annotated[
+    str | None,
+    typer.Option("--size", rich_help_panel=CALIBRATION, help="Images: resize to HxW, e.g. 224x224."),
+]
+MeanOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--mean", rich_help_panel=CALIBRATION, help="Images: per-channel mean, e.g. 0.485,0.456,0.406."
+    ),
+]
+StdOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--std", rich_help_panel=CALIBRATION, help="Images: per-channel std, e.g. 0.229,0.224,0.225."
+    ),
+]
+LayoutOpt = Annotated[
+    str, typer.Option("--layout", rich_help_panel=CALIBRATION, help="Images: nchw or nhwc.")
+]
+BgrOpt = Annotated[
+    bool, typer.Option("--bgr/--rgb", rich_help_panel=CALIBRATION, help="Images: channel order.")
+]
 CacheDirOpt = Annotated[
     Path | None,
-    typer.Option("--cache-dir", help="Cache calibration statistics here (default: the user cache folder)."),
+    typer.Option(
+        "--cache-dir",
+        rich_help_panel=CALIBRATION,
+        help="Cache calibration statistics here (default: the user cache folder).",
+    ),
 ]
-NoCacheFlag = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write cached statistics.")]
+NoCacheFlag = Annotated[
+    bool,
+    typer.Option("--no-cache", rich_help_panel=CALIBRATION, help="Neither read nor write cached statistics."),
+]
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="ONNX Runtime threads for calibration.")]
 
 

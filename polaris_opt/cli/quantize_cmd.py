@@ -22,53 +22,106 @@ from polaris_opt.cli.calib_options import (
 )
 from polaris_opt.cli.options import DebugFlag, ForceFlag, JsonFlag, ModelArg, OutputOpt, QuietFlag
 
-Int8Flag = Annotated[bool, typer.Option("--int8", help="INT8: static QDQ with calibration (or --dynamic).")]
-Fp16Flag = Annotated[bool, typer.Option("--fp16", help="FP16 weights and compute.")]
+# Help panels, so `quantize --help` reads by topic.
+MODE = "What to quantize to"
+INT8 = "INT8"
+INT4 = "INT4"
+FP16 = "FP16"
+MIXED = "Mixed precision"
+
+Int8Flag = Annotated[
+    bool,
+    typer.Option("--int8", rich_help_panel=MODE, help="INT8: static QDQ with calibration (or --dynamic)."),
+]
+Fp16Flag = Annotated[bool, typer.Option("--fp16", rich_help_panel=MODE, help="FP16 weights and compute.")]
 Int4Flag = Annotated[
-    bool, typer.Option("--int4", help="INT4 weight-only MatMul (com.microsoft.MatMulNBits).")
+    bool,
+    typer.Option("--int4", rich_help_panel=MODE, help="INT4 weight-only MatMul (com.microsoft.MatMulNBits)."),
 ]
 DynamicFlag = Annotated[
-    bool, typer.Option("--dynamic", help="With --int8: quantize activations at run time; no calibration.")
+    bool,
+    typer.Option(
+        "--dynamic",
+        rich_help_panel=MODE,
+        help="With --int8: quantize activations at run time; no calibration.",
+    ),
 ]
 MethodOpt = Annotated[
     str | None,
     typer.Option(
         "--method",
+        rich_help_panel=MODE,
         help="--int8: minmax|percentile|entropy|mse (default minmax); --int4: rtn|gptq (default rtn).",
     ),
 ]
-PercentileOpt = Annotated[float, typer.Option("--percentile", help="Percentile kept by --method percentile.")]
+PercentileOpt = Annotated[
+    float, typer.Option("--percentile", rich_help_panel=INT8, help="Percentile kept by --method percentile.")
+]
 PerTensorFlag = Annotated[
-    bool, typer.Option("--per-tensor", help="One weight scale per tensor instead of per output channel.")
+    bool,
+    typer.Option(
+        "--per-tensor",
+        rich_help_panel=INT8,
+        help="One weight scale per tensor instead of per output channel.",
+    ),
 ]
 ActivationsOpt = Annotated[
-    str, typer.Option("--activations", help="Activations: uint8 (asymmetric) or int8 (symmetric).")
+    str,
+    typer.Option(
+        "--activations", rich_help_panel=INT8, help="Activations: uint8 (asymmetric) or int8 (symmetric)."
+    ),
 ]
 ExcludeOpt = Annotated[
     list[str] | None,
-    typer.Option("--exclude", help="Keep this node name or op type in float (repeatable)."),
+    typer.Option(
+        "--exclude", rich_help_panel=INT8, help="Keep this node name or op type in float (repeatable)."
+    ),
 ]
 BiasCorrectionFlag = Annotated[
-    bool, typer.Option("--bias-correction", help="Re-fit biases for the mean shift weight rounding causes.")
+    bool,
+    typer.Option(
+        "--bias-correction",
+        rich_help_panel=INT8,
+        help="Re-fit biases for the mean shift weight rounding causes.",
+    ),
 ]
-BlockSizeOpt = Annotated[int, typer.Option("--block-size", help="--int4: weights per scale (32, 64, 128).")]
-AsymmetricFlag = Annotated[bool, typer.Option("--asymmetric", help="--int4: a zero point per block.")]
+BlockSizeOpt = Annotated[
+    int, typer.Option("--block-size", rich_help_panel=INT4, help="--int4: weights per scale (32, 64, 128).")
+]
+AsymmetricFlag = Annotated[
+    bool, typer.Option("--asymmetric", rich_help_panel=INT4, help="--int4: a zero point per block.")
+]
 KeepIoFlag = Annotated[
-    bool, typer.Option("--keep-io-types/--no-keep-io-types", help="--fp16: keep float32 inputs and outputs.")
+    bool,
+    typer.Option(
+        "--keep-io-types/--no-keep-io-types",
+        rich_help_panel=FP16,
+        help="--fp16: keep float32 inputs and outputs.",
+    ),
 ]
 TargetSqnrOpt = Annotated[
     float | None,
     typer.Option(
-        "--target-sqnr", help="Mixed precision: keep the most sensitive layers float until SQNR ≥ DB."
+        "--target-sqnr",
+        rich_help_panel=MIXED,
+        help="Mixed precision: keep the most sensitive layers float until SQNR ≥ DB.",
     ),
 ]
 MaxDropOpt = Annotated[
     float | None,
-    typer.Option("--max-top1-drop", help="Mixed precision: allow at most PCT points of top-1 loss (--eval)."),
+    typer.Option(
+        "--max-top1-drop",
+        rich_help_panel=MIXED,
+        help="Mixed precision: allow at most PCT points of top-1 loss (--eval).",
+    ),
 ]
 EvalOpt = Annotated[
     Path | None,
-    typer.Option("--eval", help="Labelled data (.npz: the model's inputs + 'labels') for accuracy."),
+    typer.Option(
+        "--eval",
+        rich_help_panel=MIXED,
+        help="Labelled data (.npz: the model's inputs + 'labels') for accuracy.",
+    ),
 ]
 SaveRecipeOpt = Annotated[
     Path | None, typer.Option("--save-recipe", help="Write a recipe that reproduces this model exactly.")
