@@ -2,7 +2,7 @@
 
     python models/build_zoo.py [--out models] [--seed 0]   # the committed zoo and zoo.json
     python models/build_zoo.py --large PATH                # ~134 MB model, never committed
-    python models/build_zoo.py --calib-sets [--out models]  # only the <model>.calib.npz sets
+    python models/build_zoo.py --calib-sets [--out models]  # only the .calib.npz / .eval.npz sets
 
 Every model has opset 17, IR version 8, a dynamic "batch" dimension, PyTorch-export naming and
 passes `onnx.checker.check_model(full_check=True)`. Each draws from its own random stream,
@@ -102,6 +102,18 @@ def write_calibration_sets(out_dir: Path, seed: int = 0) -> list[Path]:
     return written
 
 
+def write_eval_sets(out_dir: Path) -> list[Path]:
+    """Write <model>.eval.npz for the digits models: the held-out split as the model's input plus
+    `labels`, the form `polaris-opt quantize --eval` reads."""
+    written = []
+    with np.load(Path(out_dir) / DIGITS_TEST, allow_pickle=False) as test:
+        for name, key in ACCURACY_INPUTS.items():
+            path = Path(out_dir) / f"{name}.eval.npz"
+            save_npz(path, {"input": test[key], "labels": test["y"]})
+            written.append(path)
+    return written
+
+
 def write_model(name: str, out_dir: Path, seed: int = 0) -> Path:
     """Build one zoo model; write it and its sample input into out_dir."""
     model, feeds = BUILDERS[name](model_rng(name, seed))
@@ -170,6 +182,7 @@ def build_zoo(out_dir: Path, seed: int) -> dict:
     }
     (out_dir / "zoo.json").write_text(json.dumps(index, indent=2) + "\n")
     write_calibration_sets(out_dir, seed)
+    write_eval_sets(out_dir)
     return index
 
 
@@ -194,12 +207,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--calib-sets",
         action="store_true",
-        help="write only the calibration sets (<model>.calib.npz) beside the models already in --out",
+        help="write only the calibration and evaluation sets (<model>.calib.npz, <model>.eval.npz)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.calib_sets:
         write_calibration_sets(args.out, args.seed)
+        write_eval_sets(args.out)
     elif args.large:
         build_large_model(args.large, args.seed)
     else:
