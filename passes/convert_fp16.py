@@ -88,6 +88,7 @@ class ConvertFp16(Pass):
     """float32 weights and compute  ⇒  float16, float32 where an op or a range needs it, Casts between."""
 
     name: ClassVar[str] = "convert-fp16"
+    lossy: ClassVar[bool] = True
 
     keep_io_types: bool = field(
         default=True, metadata={"help": "graph inputs and outputs stay float32 (false: float16)"}

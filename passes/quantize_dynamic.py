@@ -54,6 +54,7 @@ class QuantizeDynamic(Pass):
     """MatMul/Gemm with a constant 2-D weight  ⇒  DynamicQuantizeMatMul: int8 weights, dynamic activations."""
 
     name: ClassVar[str] = "quantize-dynamic"
+    lossy: ClassVar[bool] = True
 
     per_channel: bool = field(
         default=True, metadata={"help": "one weight scale per output column (false: one per weight)"}

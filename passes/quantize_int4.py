@@ -77,6 +77,7 @@ class QuantizeInt4(Pass):
     """MatMul/Gemm with a constant float weight  ⇒  com.microsoft.MatMulNBits with block-wise INT4 weights."""
 
     name: ClassVar[str] = "quantize-int4"
+    lossy: ClassVar[bool] = True
 
     block_size: int = field(default=32, metadata={"help": "values per scale along K: a power of two >= 16"})
     symmetric: bool = field(

@@ -59,7 +59,7 @@ def run_pipeline(
     for index, (step, pass_) in enumerate(pipeline.passes(), start=1):
         report, graph = _run_one(step, pass_, graph, ctx)
         started = time.perf_counter()
-        verifier.check(graph, model, pass_.name)
+        verifier.check(graph, model, pass_.name, lossy=type(pass_).lossy)
         report.verify_seconds = time.perf_counter() - started
         if dump_dir is not None:
             onnx.save_model(to_model(graph, model), str(dump_dir / f"{index:02d}-{pass_.name}.onnx"))

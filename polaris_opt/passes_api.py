@@ -74,6 +74,9 @@ class Pass:
     """Base of every pass. Subclasses are `@dataclass(frozen=True)` with typed option fields."""
 
     name: ClassVar[str] = ""
+    # True for passes that change outputs on purpose (quantization, FP16): --verify numeric then
+    # checks them against an SQNR floor instead of float tolerances.
+    lossy: ClassVar[bool] = False
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement run()")

@@ -24,6 +24,10 @@ from polaris_opt.export import payloads_left_out, skeleton_model, tensor_problem
 from polaris_opt.graph_io import PROTOBUF_LIMIT, tensor_bytes
 from polaris_opt.numerics import compare_outputs, make_session, run_model, sample_inputs
 
+# The least output SQNR a lossy pass may leave under --verify numeric: below this the model no
+# longer computes the same function (a broken scale, a wrong axis), whatever the precision.
+LOSSY_FLOOR_DB = 10.0
+
 
 class VerifyMode(str, enum.Enum):
     NONE = "none"  # trust the passes
@@ -76,7 +80,9 @@ class Verifier:
         self.feeds = feeds if feeds is not None else sample_inputs(session, seed=seed)
         self.reference = run_model(session, self.feeds)
 
-    def check(self, graph: gs.Graph, template: onnx.ModelProto, pass_name: str) -> None:
+    def check(
+        self, graph: gs.Graph, template: onnx.ModelProto, pass_name: str, *, lossy: bool = False
+    ) -> None:
         """Raise PassFailed naming `pass_name` when `graph` is no longer valid or equivalent.
 
         Structure is checked on a skeleton, which copies no big weight; the whole model is
@@ -88,7 +94,7 @@ class Verifier:
             self._check_payload(payload, pass_name)
         self._check_structure(skeleton_model(graph, template), pass_name)
         if self.mode is VerifyMode.NUMERIC:
-            self._check_numerics(to_model(graph, template), pass_name)
+            self._check_numerics(to_model(graph, template), pass_name, lossy)
 
     def _check_structure(self, model: onnx.ModelProto, pass_name: str) -> None:
         try:
@@ -104,16 +110,34 @@ class Verifier:
             raise _no_longer_valid(pass_name, problem)
         self.sound_payloads[id(payload)] = payload
 
-    def _check_numerics(self, model: onnx.ModelProto, pass_name: str) -> None:
+    def _check_numerics(self, model: onnx.ModelProto, pass_name: str, lossy: bool) -> None:
         try:
             got = run_model(model, self.feeds)
         except Exception as exc:  # noqa: BLE001
             raise PassFailed(
                 pass_name, f"the graph no longer runs on ONNX Runtime: {_first_line(exc)}"
             ) from None
+        if lossy:
+            self._check_lossy(got, pass_name)
+            return
         mismatches = compare_outputs(self.reference, got)
         if mismatches:
             raise PassFailed(pass_name, "outputs changed: " + "; ".join(map(str, mismatches)))
+
+    def _check_lossy(self, got: dict[str, np.ndarray], pass_name: str) -> None:
+        """A pass that rounds on purpose (quantization, FP16) must keep every output above
+        LOSSY_FLOOR_DB of SQNR; its outputs then become the reference the later passes must keep."""
+        from polaris_opt.fidelity import sqnr_db
+
+        for name, ref in self.reference.items():
+            if name not in got or got[name].shape != ref.shape:
+                raise PassFailed(pass_name, f"outputs changed: output '{name}' is missing or reshaped")
+            if ref.dtype.kind == "f" and sqnr_db(ref, got[name]) < LOSSY_FLOOR_DB:
+                figure = sqnr_db(ref, got[name])
+                raise PassFailed(
+                    pass_name, f"output '{name}' SQNR {figure:.1f} dB is below {LOSSY_FLOOR_DB:g} dB"
+                )
+        self.reference = got
 
 
 def _no_longer_valid(pass_name: str, problem: str) -> PassFailed:

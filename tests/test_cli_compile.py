@@ -155,7 +155,7 @@ def test_unwritable_output(tmp_path, where):
 @pytest.mark.parametrize(
     "pipeline, expected",
     [
-        ("cleanup,frobnicate", "valid passes: eliminate-dead-code"),
+        ("cleanup,frobnicate", "valid passes: calibrate, convert-fp16, correct-bias, eliminate-dead-code"),
         ("fold-constants{turbo=1}", "valid options:"),
     ],
 )

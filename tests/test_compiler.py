@@ -82,9 +82,24 @@ class NarrowFirstWeight(Pass):
         return PassResult(modified=True)
 
 
+@dataclass(frozen=True)
+class NudgeFirstWeight(DoubleFirstWeight):
+    """A lossy pass that rounds well (adds 1% to one weight) — or badly, when it doubles it."""
+
+    name: ClassVar[str] = "nudge-first-weight"
+    lossy: ClassVar[bool] = True
+    factor: float = 1.01
+
+    def run(self, graph, ctx):
+        weight = next(t for t in graph.tensors().values() if t.__class__.__name__ == "Constant")
+        weight.values = weight.values * self.factor
+        return PassResult(modified=True)
+
+
 @pytest.fixture(autouse=True)
 def register_test_passes(monkeypatch):
-    for cls in (Crash, DanglingInput, DoubleFirstWeight, TruncateFirstWeight, NarrowFirstWeight):
+    passes = (Crash, DanglingInput, DoubleFirstWeight, TruncateFirstWeight, NarrowFirstWeight, NudgeFirstWeight)
+    for cls in passes:
         monkeypatch.setitem(PASSES, cls.name, f"{__name__}:{cls.__name__}")
 
 
@@ -190,3 +205,12 @@ def test_models_above_the_protobuf_limit_keep_structure_checks(monkeypatch):
     assert any("numeric verification skipped" in w for w in result.warnings)
     with pytest.raises(PassFailed, match="dangling-input"):
         run_pipeline(mlp(), Pipeline.parse("dangling-input"), verify=VerifyMode.NUMERIC)
+
+
+def test_numeric_verification_holds_lossy_passes_to_an_sqnr_floor():
+    # 1% on one weight is a change float tolerances refuse but a lossy pass may make; the next
+    # (lossless) pass is then held to the nudged model's outputs.
+    result = run_pipeline(mlp(), Pipeline.parse("nudge-first-weight,cleanup"), verify=VerifyMode.NUMERIC)
+    assert [r.step for r in result.reports][0] == "nudge-first-weight"
+    with pytest.raises(PassFailed, match=r"nudge-first-weight.*SQNR .* dB is below 10 dB"):
+        run_pipeline(mlp(), Pipeline.parse("nudge-first-weight{factor=-1}"), verify=VerifyMode.NUMERIC)
