@@ -320,5 +320,6 @@ def load_eval_data(path: str | Path, model: onnx.ModelProto) -> tuple[dict[str, 
         raise BadInput(f"--eval {path}: missing model input(s) {missing}; has {sorted(arrays)}")
     for name in names:
         if len(arrays[name]) != len(labels):
-            raise BadInput(f"--eval {path}: input '{name}' has {len(arrays[name])} rows for {len(labels)} labels")
+            rows = len(arrays[name])
+            raise BadInput(f"--eval {path}: input '{name}' has {rows} rows for {len(labels)} labels")
     return {n: arrays[n] for n in names}, labels
