@@ -12,6 +12,7 @@ none) against the input model, so every result carries its own evidence.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,15 @@ class Mode(enum.Enum):
     INT8_DYNAMIC = "int8-dynamic"  # weights int8, activations quantized at run time
     FP16 = "fp16"
     INT4 = "int4"  # weight-only MatMulNBits
+
+
+# What an option value in pipeline text cannot hold (polaris_opt.pipeline), and the list separator.
+_UNWRITABLE = re.compile(r"[,;{}=\s]")
+
+
+def writable(name: str) -> bool:
+    """Whether a node name can be written in an exclude list of pipeline text."""
+    return bool(name) and not _UNWRITABLE.search(name)
 
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -74,37 +84,46 @@ class QuantizeOptions:
         if not 0.0 < self.percentile <= 100.0:
             raise BadInput(f"--percentile must be in (0, 100]; got {self.percentile}")
         for name in self.exclude:
-            if not name or any(c in name for c in ",;{}=") or name != name.strip():
+            if not writable(name):
                 raise BadInput(f"--exclude '{name}': names may not be empty or hold , ; {{ }} = or spaces")
 
     def pipeline_text(self, exclude: Iterable[str] = ()) -> str:
-        """The pipeline that makes this model; `exclude` adds layers kept in float."""
-        excluded = ";".join(dict.fromkeys([*self.exclude, *exclude]))
-        steps = ["cleanup"]
+        """The pipeline that makes this model from the input; `exclude` adds layers kept in float."""
         if self.mode is Mode.INT8:
-            steps.append(self._calibrate_step())
-            if self.bias_correction:
-                steps.append(f"correct-bias{{per-channel={_flag(self.per_channel)}}}")
-            options = [f"per-channel={_flag(self.per_channel)}", f"activations={self.activations}"]
-            steps.append(_step("quantize", options, excluded))
-        elif self.mode is Mode.INT8_DYNAMIC:
-            steps.append(_step("quantize-dynamic", [f"per-channel={_flag(self.per_channel)}"], excluded))
-        elif self.mode is Mode.FP16:
-            steps.append(f"convert-fp16{{keep-io-types={_flag(self.keep_io_types)}}}")
-        else:
-            options = [
-                f"block-size={self.block_size}",
-                f"symmetric={_flag(self.symmetric)}",
-                f"method={self.resolved_method()}",
-            ]
-            steps.append(_step("quantize-int4", options, excluded))
-        return ",".join(steps)
+            return f"cleanup,{self.calibrate_step()},{self.quantize_steps(exclude)}"
+        excluded = self.excluded(exclude)
+        if self.mode is Mode.INT8_DYNAMIC:
+            return "cleanup," + _step(
+                "quantize-dynamic", [f"per-channel={_flag(self.per_channel)}"], excluded
+            )
+        if self.mode is Mode.FP16:
+            return f"cleanup,convert-fp16{{keep-io-types={_flag(self.keep_io_types)}}}"
+        options = [
+            f"block-size={self.block_size}",
+            f"symmetric={_flag(self.symmetric)}",
+            f"method={self.resolved_method()}",
+        ]
+        return "cleanup," + _step("quantize-int4", options, excluded)
 
-    def _calibrate_step(self) -> str:
+    def excluded(self, exclude: Iterable[str] = ()) -> str:
+        """The user's exclusions and `exclude`, as one ';'-separated option value."""
+        return ";".join(dict.fromkeys([*self.exclude, *exclude]))
+
+    def calibrate_step(self) -> str:
         method = self.resolved_method()
         if method == "percentile":
             return f"calibrate{{method=percentile,percentile={self.percentile:g}}}"
         return f"calibrate{{method={method}}}"
+
+    def quantize_steps(self, exclude: Iterable[str] = ()) -> str:
+        """INT8 static after calibration: [correct-bias,] quantize, with `exclude` kept in float —
+        bias correction included, since its correction only cancels against a quantized weight."""
+        excluded = self.excluded(exclude)
+        per_channel = f"per-channel={_flag(self.per_channel)}"
+        quantize = _step("quantize", [per_channel, f"activations={self.activations}"], excluded)
+        if not self.bias_correction:
+            return quantize
+        return _step("correct-bias", [per_channel], excluded) + "," + quantize
 
 
 def _flag(value: bool) -> str:
@@ -183,9 +202,10 @@ def quantize(
             target_sqnr=target_sqnr,
             max_top1_drop=max_top1_drop,
             eval_data=eval_data,
-            ctx=ctx,
+            threads=threads,
+            progress=progress,
         )
-        pipeline_text, reports, quantized = searched.pipeline, searched.reports, searched.model
+        pipeline_text, reports, quantized = searched.pipeline_text, searched.reports, searched.model
         mixed = searched.summary()
         if not searched.reached:
             warnings.append(f"target not reached: {searched.describe_shortfall()}")

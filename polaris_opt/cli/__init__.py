@@ -49,13 +49,14 @@ def root(
 
 
 def _register_commands() -> None:
-    from polaris_opt.cli import compile_cmd, devices_cmd, inspect_cmd, passes_cmd, quantize_cmd
+    from polaris_opt.cli import analyze_cmd, compile_cmd, devices_cmd, inspect_cmd, passes_cmd, quantize_cmd
 
     app.command("quantize")(quantize_cmd.quantize)
     app.command("compile")(compile_cmd.compile)
     app.command("inspect")(inspect_cmd.inspect)
     app.command("devices")(devices_cmd.devices)
     app.command("passes")(passes_cmd.passes)
+    app.command("analyze")(analyze_cmd.analyze)
 
 
 _register_commands()
