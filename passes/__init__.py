@@ -17,6 +17,12 @@ PASSES: dict[str, str] = {
     "eliminate-dead-code": "polaris_opt.passes.eliminate_dead_code:EliminateDeadCode",
     "fold-batchnorm": "polaris_opt.passes.fold_batchnorm:FoldBatchNorm",
     "infer-shapes": "polaris_opt.passes.infer_shapes:InferShapes",
+    "calibrate": "polaris_opt.passes.calibrate:Calibrate",
+    "quantize": "polaris_opt.passes.quantize:Quantize",
+    "quantize-dynamic": "polaris_opt.passes.quantize_dynamic:QuantizeDynamic",
+    "convert-fp16": "polaris_opt.passes.convert_fp16:ConvertFp16",
+    "quantize-int4": "polaris_opt.passes.quantize_int4:QuantizeInt4",
+    "correct-bias": "polaris_opt.passes.correct_bias:CorrectBias",
 }
 
 # An alias names a sequence of passes; it is printed back as written and expanded when run.

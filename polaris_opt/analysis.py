@@ -17,6 +17,7 @@ calibration (`ctx.calibration`), and the FP32 outputs are computed once per batc
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -253,12 +254,15 @@ def compare_activations(
     layer_inputs = layer_input_names(float_model, layers)
     agreements = {name: Agreement() for name in pairs}
     energy = dict.fromkeys(set(layer_inputs.values()), 0.0)
+    # One pass over the data, shared: the two runs advance in step, so tee holds one batch, and a
+    # reader that rewinds is never read by two loops at once.
+    for_float, for_quantized = itertools.tee(ctx.calib.batches())
     float_values = stream_tensors(
-        float_model, ctx.calib.batches(), list(dict.fromkeys([*pairs, *energy])), threads=ctx.threads
+        float_model, for_float, list(dict.fromkeys([*pairs, *energy])), threads=ctx.threads
     )
     quantized_values = stream_tensors(
         quantized_model,
-        ctx.calib.batches(),
+        for_quantized,
         list(pairs.values()),
         threads=ctx.threads,
         progress=ctx.progress,
