@@ -246,30 +246,42 @@ def _write_recipe(path: Path, pipeline: str, calib, batch_size: int, limit, imag
 
 def render(console, summary: dict) -> None:
     from rich.markup import escape
-    from rich.table import Table
 
     layers = summary.get("layers", [])
     if layers:
-        table = Table(title="Layers", title_justify="left")
-        for column in ("layer", "op", "precision", "note"):
-            table.add_column(column)
-        for layer in layers:
-            table.add_row(
-                escape(str(layer.get("name", ""))),
-                str(layer.get("op", "")),
-                str(layer.get("precision", "")),
-                escape(str(layer.get("reason", "") or "")),
-            )
-        console.print(table)
+        console.print(_precision_table(layers))
+    kept = [layer for layer in layers if layer.get("precision") not in ("int8", "int4", "fp16")]
+    for layer in kept:
+        reason = f": {escape(str(layer['reason']))}" if layer.get("reason") else ""
+        console.print(
+            f"[dim]kept {escape(str(layer.get('precision')))}[/] {escape(str(layer['name']))}{reason}"
+        )
     if summary.get("float_ops"):
         left = ", ".join(f"{op} ×{count}" for op, count in summary["float_ops"].items())
-        console.print(f"left in float: {escape(left)}")
+        console.print(f"ops left in float: {escape(left)}")
     console.print(_fidelity_line(summary))
     console.print(
         f"wrote {escape(summary['output'])}: {summary['output_bytes'] / 1e6:.3f} MB "
         f"({summary['size_ratio']:.2f}× the input's {summary['input_bytes'] / 1e6:.3f} MB)\n"
         f"[dim]{escape(summary['pipeline'])}[/]"
     )
+
+
+def _precision_table(layers: list[dict]):
+    """Layers counted by op type and precision: the shape of the result at a glance."""
+    from collections import Counter
+
+    from rich.table import Table
+
+    counts = Counter((str(layer.get("op", "")), str(layer.get("precision", ""))) for layer in layers)
+    precisions = sorted({precision for _, precision in counts})
+    table = Table(title="Layers by precision", title_justify="left")
+    table.add_column("op")
+    for precision in precisions:
+        table.add_column(precision, justify="right")
+    for op in sorted({op for op, _ in counts}):
+        table.add_row(op, *[str(counts.get((op, p), "")) or "" for p in precisions])
+    return table
 
 
 def _fidelity_line(summary: dict) -> str:
