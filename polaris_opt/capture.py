@@ -98,4 +98,6 @@ def stream_tensors(
                 if name not in values and name in batch:
                     values[name] = batch[name]
             yield values
+            # Drop this batch before the next run: holding it would double peak memory.
+            del values
             advance(1)
