@@ -275,7 +275,12 @@ def entropy_threshold(stats: TensorStats, num_bits: int = 8) -> float:
     if used <= start:  # too few occupied bins to clip anything
         return math.inf
     candidates = np.arange(start, used + 1)
-    divergence = _kl_divergences(folded, candidates, levels)
+    # The bin at 0 is left out of the divergence: zero is represented exactly (the zero point),
+    # and after a Relu it holds half the mass, a spike that Q would smear over its chunk's bins —
+    # which pulls the threshold down to about 2σ and clips the layer hard.
+    scored = folded.copy()
+    scored[0] = 0.0
+    divergence = _kl_divergences(scored, candidates, levels)
     if not np.isfinite(divergence).any():
         return math.inf
     return float(candidates[np.argmin(divergence)] * stats.bin_width)

@@ -397,3 +397,13 @@ def test_a_table_with_ranges_only_does_not_merge():
     ranges_only = CalibrationTable(method="minmax", ranges={"x": (-1.0, 1.0)})
     with pytest.raises(BadInput, match="without statistics for 'x'"):
         ranges_only.merge(table_of("minmax", DATA))
+
+
+def test_entropy_is_not_pulled_down_by_the_zeros_a_relu_makes():
+    # Half the values are exactly 0 (a Relu's output); zero is exact in any range, so the
+    # threshold must follow the positive half-Gaussian's tail (about 4σ), not collapse to 2σ.
+    values = np.maximum(np.random.default_rng(0).standard_normal(1_000_000), 0).astype(np.float32)
+    stats = TensorStats()
+    stats.update(values)
+    lo, hi = tensor_range(stats, "entropy")
+    assert lo == 0.0 and 3.5 < hi <= float(values.max())
