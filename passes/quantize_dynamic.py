@@ -71,10 +71,10 @@ class QuantizeDynamic(Pass):
             for node in g.nodes:
                 if node.op in ("MatMul", "Gemm", "Conv") and is_standard_domain(node):
                     layers.append(_quantize_layer(node, excluded, quantizer))
-        quantized = [layer for layer in layers if layer["status"] == "int8"]
+        quantized = [layer for layer in layers if layer["precision"] == "int8"]
         if quantized:
             _import_domain(graph, MS_DOMAIN, MS_OPSET)
-        unmatched = sorted(excluded - {row["node"] for row in layers} - {row["op"] for row in layers})
+        unmatched = sorted(excluded - {row["name"] for row in layers} - {row["op"] for row in layers})
         if unmatched:
             ctx.log.warning("quantize-dynamic: exclude entries matched nothing: %s", unmatched)
         stats = {
@@ -90,14 +90,14 @@ class QuantizeDynamic(Pass):
 
 def _quantize_layer(node: gs.Node, excluded: set[str], quantizer: _Quantizer) -> dict[str, Any]:
     """Rewrite `node` in place when it qualifies; the row of the per-layer table either way."""
-    row: dict[str, Any] = {"node": node.name, "op": node.op}
+    row: dict[str, Any] = {"name": node.name, "op": node.op}
     if node.name in excluded or node.op in excluded:
-        return row | {"status": "float", "reason": "excluded"}
+        return row | {"precision": "float", "reason": "excluded"}
     if node.op == "Conv":
-        return row | {"status": "float", "reason": CONV_REASON}
+        return row | {"precision": "float", "reason": CONV_REASON}
     found = _weight_and_bias(node)
     if isinstance(found, str):
-        return row | {"status": "float", "reason": found}
+        return row | {"precision": "float", "reason": found}
     weight, bias = found
     q_weight, q_scale, q_zero_point, error_db = quantizer.weight(node, weight)
     inputs = [node.inputs[0], q_weight, q_scale, q_zero_point]
@@ -108,7 +108,7 @@ def _quantize_layer(node: gs.Node, excluded: set[str], quantizer: _Quantizer) ->
     node.inputs.clear()
     node.inputs.extend(inputs)
     return row | {
-        "status": "int8",
+        "precision": "int8",
         "weight": weight.name,
         "shape": list(q_weight.values.shape),
         "granularity": "per-channel" if quantizer.per_channel else "per-tensor",

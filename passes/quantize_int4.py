@@ -160,9 +160,12 @@ class QuantizeInt4(Pass):
             quantized = gptq(layer.weight, hessian[0], block_size, self.symmetric, damp=self.damp)
         else:
             quantized = quantize_blocks(layer.weight, block_size, self.symmetric)
+        op = layer.node.op  # before the rewrite turns it into MatMulNBits
         tensors = self._rewrite(layer, quantized, block_size, names)
         return {
-            "node": layer.node.name,
+            "name": layer.node.name,
+            "op": op,
+            "precision": "int4",
             "weight": layer.weight_name,
             "K": k,
             "N": n,
@@ -220,7 +223,15 @@ def find_layers(graph: gs.Graph, excluded) -> tuple[list[Layer], list[dict]]:
             if isinstance(found, Layer):
                 layers.append(found)
             else:
-                skipped.append({"node": node.name, "weight": weight_name, "reason": found})
+                skipped.append(
+                    {
+                        "name": node.name,
+                        "op": node.op,
+                        "precision": "float",
+                        "weight": weight_name,
+                        "reason": found,
+                    }
+                )
     return layers, skipped
 
 

@@ -279,7 +279,8 @@ def build_report(source, quantized, pipeline_text, reports, calib, eval_data, th
 def _layers(reports) -> list[dict[str, Any]]:
     layers: list[dict[str, Any]] = []
     for r in reports:
-        layers += r.details.get("layers", [])
+        # Layers a pass left alone are listed apart by some passes ("skipped"): report them too.
+        layers += r.details.get("layers", []) + r.details.get("skipped", [])
     return layers
 
 

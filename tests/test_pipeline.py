@@ -49,7 +49,10 @@ def test_alias_expands_to_its_passes_in_order():
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("nosuchpass", "unknown pass 'nosuchpass'; valid passes: calibrate, convert-fp16, correct-bias, elim"),
+        (
+            "nosuchpass",
+            "unknown pass 'nosuchpass'; valid passes: calibrate, convert-fp16, correct-bias, elim",
+        ),
         ("fold-constants{bogus=1}", "has no option 'bogus'; valid options: "),
         ("fold-constants{max-size-mb=big}", "expected float, got 'big'"),
         ("fold-constants{max-size-mb=1,max-size-mb=2}", "given twice"),

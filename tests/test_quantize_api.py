@@ -44,7 +44,9 @@ def test_an_onnxruntime_calibration_data_reader_works_unchanged():
             return next(self.batches, None)
 
     from_reader = polaris_opt.quantize(str(MODELS / "digits_mlp.onnx"), Reader(), mode="int8")
-    from_arrays = polaris_opt.quantize(str(MODELS / "digits_mlp.onnx"), calib("digits_mlp"), mode="int8", batch_size=32)
+    from_arrays = polaris_opt.quantize(
+        str(MODELS / "digits_mlp.onnx"), calib("digits_mlp"), mode="int8", batch_size=32
+    )
     feeds = {"input": calib("digits_mlp")["input"][:8]}
     np.testing.assert_array_equal(
         run_model(from_reader.model, feeds)["logits"], run_model(from_arrays.model, feeds)["logits"]

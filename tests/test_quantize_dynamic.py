@@ -108,16 +108,18 @@ def test_transformer_matmuls_become_int8_and_stay_close():
 
 def test_transformer_details_say_why_attention_products_stay_float():
     result = QuantizeDynamic().run(to_graph(zoo("transformer_s")), PassContext())
-    rows = {row["node"]: row for row in result.details["layers"]}
+    rows = {row["name"]: row for row in result.details["layers"]}
     assert rows["/layers/0/self_attn/MatMul"] == {
-        "node": "/layers/0/self_attn/MatMul",
+        "name": "/layers/0/self_attn/MatMul",
         "op": "MatMul",
-        "status": "float",
+        "precision": "float",
         "reason": "weight is computed at run time",
     }
     q_proj = rows["/layers/0/self_attn/q_proj/MatMul"]
     assert (
-        q_proj["status"] == "int8" and q_proj["shape"] == [64, 64] and q_proj["granularity"] == "per-channel"
+        q_proj["precision"] == "int8"
+        and q_proj["shape"] == [64, 64]
+        and q_proj["granularity"] == "per-channel"
     )
     assert q_proj["weight_sqnr_db"] > 35  # 8-bit symmetric on He-initialized weights: ~40 dB
 

@@ -161,7 +161,9 @@ def test_excluded_nodes_stay_float():
     )
     out, stats, details = quantize(model, "quantize-int4{exclude=w1;nothing*}")
     assert op_counts(out) == {"MatMul": 1, NBITS: 1}
-    assert details["skipped"] == [{"node": "", "weight": "w1", "reason": "excluded"}]
+    assert details["skipped"] == [
+        {"name": "", "op": "MatMul", "precision": "float", "weight": "w1", "reason": "excluded"}
+    ]
 
 
 def test_accuracy_level_is_written_and_runs():
