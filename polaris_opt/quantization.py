@@ -280,7 +280,9 @@ def _layers(reports) -> list[dict[str, Any]]:
     layers: list[dict[str, Any]] = []
     for r in reports:
         # Layers a pass left alone are listed apart by some passes ("skipped"): report them too.
-        layers += r.details.get("layers", []) + r.details.get("skipped", [])
+        rows = r.details.get("layers", []) + r.details.get("skipped", [])
+        # Only passes that decide a precision per layer (not bias correction) fill the table.
+        layers += [row for row in rows if "precision" in row]
     return layers
 
 

@@ -50,7 +50,8 @@ class Output:
         """A progress bar on stderr; yields `advance(n)`. Hidden with --quiet/--json."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        disabled = self.quiet or self.json
+        # Not on a terminal (CI logs, pipes) a bar would only leave blank lines behind.
+        disabled = self.quiet or self.json or not self.err_console.is_terminal
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=self.err_console, disable=disabled, transient=True) as bar:
             task = bar.add_task(description, total=total)

@@ -248,6 +248,13 @@ def render(console, summary: dict) -> None:
     from rich.markup import escape
 
     layers = summary.get("layers", [])
+    kept_float = sum(layer.get("precision") == "float" for layer in layers)
+    if layers:
+        what = f"{len(layers) - kept_float} layers quantized, {kept_float} kept in float"
+    else:  # FP16 converts nodes, not layers: say what its pass counted
+        last = summary["passes"][-1]
+        what = ", ".join(f"{key} {value}" for key, value in last["stats"].items())
+    console.print(f"{escape(Path(summary['input']).name)} → {escape(Path(summary['output']).name)}: {what}")
     if layers:
         console.print(_precision_table(layers))
     kept = [layer for layer in layers if layer.get("precision") not in ("int8", "int4", "fp16")]
@@ -275,7 +282,7 @@ def _precision_table(layers: list[dict]):
 
     counts = Counter((str(layer.get("op", "")), str(layer.get("precision", ""))) for layer in layers)
     precisions = sorted({precision for _, precision in counts})
-    table = Table(title="Layers by precision", title_justify="left")
+    table = Table()
     table.add_column("op")
     for precision in precisions:
         table.add_column(precision, justify="right")
@@ -295,6 +302,6 @@ def _fidelity_line(summary: dict) -> str:
     if accuracy:
         line += (
             f"\naccuracy: top-1 {100 * accuracy['top1_before']:.2f}% → {100 * accuracy['top1_after']:.2f}%"
-            f" (drop {accuracy['top1_drop']:.2f} points)"
+            f" ({'drop' if accuracy['top1_drop'] >= 0 else 'gain'} {abs(accuracy['top1_drop']):.2f} points)"
         )
     return line
