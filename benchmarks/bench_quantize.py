@@ -176,40 +176,52 @@ def ort_body(model_path: Path, method: str, calib: Path, out: Path) -> str:
     )
 
 
+def tenfold_calibration(tmp: Path, name: str) -> Path:
+    """10x the samples of the zoo calibration set, drawn from the same N(0, 1) distribution."""
+    big = tmp / f"{name}.calib10x.npz"
+    if not big.exists():
+        base = load_npz(calib_path(name))
+        rng = np.random.default_rng(5)
+        np.savez(
+            big,
+            **{k: rng.standard_normal((len(v) * 10, *v.shape[1:])).astype(v.dtype) for k, v in base.items()},
+        )
+    return big
+
+
 def bench_speed(tmp: Path, runs: int, name: str = "resnet_s") -> dict:
+    """Calibrate+quantize in a fresh process per run (imports included), interleaved with ORT, on
+    the zoo set (64 samples: start-up dominates) and on 10x as many (calibration dominates)."""
     model_path = MODELS / f"{name}.onnx"
     results = {}
-    for method in ORT_METHODS:
-        contenders = {
-            "ours": ours_body(model_path, method, calib_path(name), tmp / "ours.onnx"),
-            "ort": ort_body(model_path, method, calib_path(name), tmp / "ort.onnx"),
-        }
-        samples = interleave(contenders, runs)
-        row = {
-            who: {
-                "wall_s": round(median(s, "wall"), 3),
-                "peak_mb": round(median(s, "peak_mb"), 1),
-                "spread": round(spread(s, "wall"), 2),
+    for calib in (calib_path(name), tenfold_calibration(tmp, name)):
+        samples_in = len(next(iter(load_npz(calib).values())))
+        for method in ORT_METHODS:
+            contenders = {
+                "ours": ours_body(model_path, method, calib, tmp / "ours.onnx"),
+                "ort": ort_body(model_path, method, calib, tmp / "ort.onnx"),
             }
-            for who, s in samples.items()
-        }
-        row["time_ratio"] = round(row["ours"]["wall_s"] / row["ort"]["wall_s"], 3)
-        row["rss_ratio"] = round(row["ours"]["peak_mb"] / row["ort"]["peak_mb"], 3)
-        results[method] = row
-        print(name, method, row, flush=True)
+            samples = interleave(contenders, runs)
+            row = {
+                who: {
+                    "wall_s": round(median(s, "wall"), 3),
+                    "peak_mb": round(median(s, "peak_mb"), 1),
+                    "spread": round(spread(s, "wall"), 2),
+                }
+                for who, s in samples.items()
+            }
+            row["time_ratio"] = round(row["ours"]["wall_s"] / row["ort"]["wall_s"], 3)
+            row["rss_ratio"] = round(row["ours"]["peak_mb"] / row["ort"]["peak_mb"], 3)
+            results[f"{method} {samples_in} samples"] = row
+            print(name, method, samples_in, row, flush=True)
     return results
 
 
 def bench_memory(tmp: Path, runs: int, name: str = "resnet_s") -> dict:
     """Peak RSS of entropy calibration with N and 10N samples (same distribution)."""
     model_path = MODELS / f"{name}.onnx"
-    base = load_npz(calib_path(name))
-    rows = len(next(iter(base.values())))
-    rng = np.random.default_rng(5)
-    big = tmp / f"{name}.calib10x.npz"
-    np.savez(
-        big, **{k: rng.standard_normal((rows * 10, *v.shape[1:])).astype(v.dtype) for k, v in base.items()}
-    )
+    rows = len(next(iter(load_npz(calib_path(name)).values())))
+    big = tenfold_calibration(tmp, name)
     contenders = {
         f"ours {rows}": ours_body(model_path, "entropy", calib_path(name), tmp / "a.onnx"),
         f"ours {rows * 10}": ours_body(model_path, "entropy", big, tmp / "b.onnx"),
@@ -326,10 +338,6 @@ def bench_latency(tmp: Path) -> dict:
 # ----------------------------------------------------------------------------------- sizes
 
 
-def weight_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
-
-
 def bench_size(tmp: Path) -> dict:
     from onnxruntime.quantization import quantize_dynamic
 
@@ -363,6 +371,22 @@ def bench_size(tmp: Path) -> dict:
     return results
 
 
+def nbits_weight_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    """Bytes of the packed weights, scales and zero points every MatMulNBits node reads, against
+    the K·N float32 weights they stand for."""
+    stored = {
+        t.name: len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer
+    }
+    int4 = fp32 = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        fp32 += 4 * attrs["K"] * attrs["N"]
+        int4 += sum(stored.get(name, 0) for name in node.input[1:4])
+    return {"int4_bytes": int4, "fp32_bytes": fp32, "ratio": round(int4 / fp32, 4) if fp32 else None}
+
+
 def bench_int4(tmp: Path, block_size: int = 32) -> dict:
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
@@ -375,7 +399,6 @@ def bench_int4(tmp: Path, block_size: int = 32) -> dict:
     for name in ["transformer_s", "digits_mlp"]:
         model_path = MODELS / f"{name}.onnx"
         feeds, labels = eval_data(name)
-        fp32_weights = weight_bytes(onnx.load(model_path))
         row = {}
         for symmetric in (True, False):
             kind = "sym" if symmetric else "asym"
@@ -388,20 +411,19 @@ def bench_int4(tmp: Path, block_size: int = 32) -> dict:
             theirs = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
             row[f"ours rtn {kind}"] = {
                 **fidelity(model_path, ours, feeds, labels),
-                "weight_bytes": weight_bytes(ours),
+                **nbits_weight_bytes(ours),
             }
             row[f"ort rtn {kind}"] = {
                 **fidelity(model_path, theirs, feeds, labels),
-                "weight_bytes": weight_bytes(theirs),
+                **nbits_weight_bytes(theirs),
             }
         gptq = polaris_opt.quantize(
             str(model_path), str(calib_path(name)), mode="int4", method="gptq", block_size=block_size
         ).model
         row["ours gptq sym"] = {
             **fidelity(model_path, gptq, feeds, labels),
-            "weight_bytes": weight_bytes(gptq),
+            **nbits_weight_bytes(gptq),
         }
-        row["fp32_weight_bytes"] = fp32_weights
         results[name] = row
         print("int4", name, row, flush=True)
     return results
