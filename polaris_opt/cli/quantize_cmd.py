@@ -24,6 +24,7 @@ from polaris_opt.cli.options import DebugFlag, ForceFlag, JsonFlag, ModelArg, Ou
 
 # Help panels, so `quantize --help` reads by topic.
 MODE = "What to quantize to"
+WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 INT8 = "INT8"
 INT4 = "INT4"
 FP16 = "FP16"
@@ -257,7 +258,8 @@ def render(console, summary: dict) -> None:
     console.print(f"{escape(Path(summary['input']).name)} → {escape(Path(summary['output']).name)}: {what}")
     if layers:
         console.print(_precision_table(layers))
-    kept = [layer for layer in layers if layer.get("precision") not in ("int8", "int4", "fp16")]
+    # Weighted layers kept in float are named; the ops between them are in the table's counts.
+    kept = [layer for layer in layers if layer.get("precision") == "float" and layer.get("op") in WEIGHTED]
     for layer in kept:
         reason = f": {escape(str(layer['reason']))}" if layer.get("reason") else ""
         console.print(
