@@ -16,14 +16,15 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	@mkdir -p build
-	$(CLI) compile models/resnet_s.onnx --pipeline cleanup --verify numeric -o build/resnet_s.clean.onnx
-	$(CLI) inspect build/resnet_s.clean.onnx --top 8
+	$(CLI) quantize models/resnet_s.onnx --int8 --calib models/resnet_s.calib.npz --method mse --bias-correction -o build/resnet_s.int8.onnx
+	$(CLI) inspect build/resnet_s.int8.onnx --top 8
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_foundation.py
+	$(PY) benchmarks/bench_quantize.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

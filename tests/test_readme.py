@@ -7,6 +7,7 @@ exactly the error line shown, with exit code 2.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -52,7 +53,11 @@ def test_the_readme_has_examples():
 @pytest.mark.parametrize("command, shown", EXAMPLES, ids=[c for c, _ in EXAMPLES])
 def test_readme_example_runs_as_shown(workdir, command, shown):
     argv = shlex.split(command)
-    result = subprocess.run([str(CLI), *argv[1:]], cwd=workdir, capture_output=True, text=True, timeout=300)
+    # Calibration statistics are cached in the scratch folder, not the user's cache.
+    env = {**os.environ, "XDG_CACHE_HOME": str(workdir / "cache")}
+    result = subprocess.run(
+        [str(CLI), *argv[1:]], cwd=workdir, capture_output=True, text=True, timeout=300, env=env
+    )
     if shown and shown[0].startswith("polaris-opt: error:"):
         assert result.returncode == 2
         assert result.stderr.strip() == shown[0]
