@@ -32,6 +32,7 @@ from polaris_opt.calib_stats import (
     CalibrationTable,
     TensorStats,
     check_bins,
+    collect_extremes,
     collect_stats,
 )
 from polaris_opt.errors import BadInput
@@ -93,6 +94,10 @@ class Calibrate(Pass):
     def collect(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[dict[str, TensorStats], int]:
         """Statistics of every float activation over all batches of `ctx.calib`."""
         names = capture.float_activations(model)
+        if self.method is CalibMethod.MINMAX:
+            # Min and max are reduced inside the graph: four scalars per tensor leave ONNX Runtime.
+            model, scalars = capture.with_extremes(model, names)
+            names = [name for outputs in scalars.values() for name in outputs]
         stream = capture.stream_tensors(
             model,
             ctx.calib.batches(),
@@ -102,11 +107,13 @@ class Calibrate(Pass):
             description="calibrating",
             total=ctx.calib.num_batches,
         )
-        # min and max alone cost little beside the run: no histogram, and nothing to overlap.
-        minmax = self.method is CalibMethod.MINMAX
         # Closing at once on an error (NaN found) stops the worker and closes the progress bar.
-        with closing(stream), closing(stream if minmax else run_ahead(stream)) as values:
-            stats, batches = collect_stats(values, names, bins=None if minmax else self.bins)
+        if self.method is CalibMethod.MINMAX:
+            with closing(stream):
+                stats, batches = collect_extremes(stream, scalars)
+        else:
+            with closing(stream), closing(run_ahead(stream)) as values:
+                stats, batches = collect_stats(values, names, bins=self.bins)
         if batches == 0:
             raise BadInput("calibrate: the calibration data holds no batches; give at least one sample")
         return stats, batches

@@ -122,6 +122,18 @@ class TensorStats:
             self._grow_to(exponent_for(max(-lo, hi)))
             self.counts += bin_counts(flat, self.exponent, self.bins)
 
+    def update_extremes(self, lo: float, hi: float, total: float, count: int) -> None:
+        """Fold in a batch known only by its min, max, sum and size (no histogram kept)."""
+        if count == 0:
+            return
+        if self.counts is not None:
+            raise ValueError("a histogram needs the values themselves, not their extremes")
+        # NaN is skipped by ONNX Runtime's min and max but not by the sum; an Inf is a min or a max.
+        if math.isnan(total) or not (math.isfinite(lo) and math.isfinite(hi)):
+            raise NonFiniteValues("values are NaN or Inf")
+        self.count += count
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+
     def merge(self, other: TensorStats) -> TensorStats:
         """The statistics of both inputs' data together (neither input changes)."""
         if self.bins != other.bins:
@@ -180,6 +192,31 @@ def coarsen(counts: np.ndarray, doublings: int) -> np.ndarray:
     return counts
 
 
+def _non_finite(name: str, batch: int) -> BadInput:
+    return BadInput(
+        f"calibration: activation '{name}' is NaN or Inf on batch {batch}; check the calibration data"
+    )
+
+
+def collect_extremes(
+    stream: Iterable[dict[str, np.ndarray]], scalars: dict[str, tuple]
+) -> tuple[dict[str, TensorStats], int]:
+    """Min/max statistics from a stream of `capture.with_extremes` outputs: per tensor name, the
+    names of its (min, max, sum, size) scalars."""
+    stats = {name: TensorStats(None) for name in scalars}
+    batches = 0
+    for values in stream:
+        batches += 1
+        for name, (lo, hi, total, size) in scalars.items():
+            try:
+                stats[name].update_extremes(
+                    float(values[lo]), float(values[hi]), float(values[total]), int(values[size])
+                )
+            except NonFiniteValues:
+                raise _non_finite(name, batches) from None
+    return stats, batches
+
+
 def collect_stats(
     stream: Iterable[dict[str, np.ndarray]], names: Sequence[str], *, bins: int | None
 ) -> tuple[dict[str, TensorStats], int]:
@@ -199,10 +236,7 @@ def collect_stats(
             try:
                 tensor_stats.update(values[name])
             except NonFiniteValues:
-                raise BadInput(
-                    f"calibration: activation '{name}' is NaN or Inf on batch {batches}; "
-                    "check the calibration data"
-                ) from None
+                raise _non_finite(name, batches) from None
         del values  # the generator computes the next batch while this name still holds the last
     return stats, batches
 
