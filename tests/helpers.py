@@ -7,10 +7,12 @@ structure (`op_counts`), numerics (`assert_same_outputs`) and `onnx.checker`.
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
 
+from polaris_opt.calib_data import CalibrationSource
 from polaris_opt.export import to_graph, to_model
 from polaris_opt.numerics import compare_outputs, run_model
 from polaris_opt.passes_api import Pass, PassContext
@@ -64,3 +66,27 @@ def assert_same_outputs(
     assert list(got) == list(expected), f"output names {list(got)}, expected {list(expected)}"
     mismatches = compare_outputs(expected, got)
     assert not mismatches, "outputs differ:\n" + "\n".join(str(m) for m in mismatches)
+
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+class ListSource(CalibrationSource):
+    """Calibration batches from a list of feeds, restartable like every source."""
+
+    def __init__(self, batches: list[dict[str, np.ndarray]]):
+        self._batches = batches
+
+    def batches(self):
+        return iter(self._batches)
+
+    @property
+    def num_batches(self) -> int:
+        return len(self._batches)
+
+
+def zoo_source(name: str, samples: int, batch: int = 32) -> ListSource:
+    """The first `samples` rows of a zoo model's calibration set, in batches of `batch`."""
+    with np.load(MODELS / f"{name}.calib.npz") as archive:
+        key, data = archive.files[0], archive[archive.files[0]][:samples]
+    return ListSource([{key: data[i : i + batch]} for i in range(0, samples, batch)])

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import ListSource, zoo_source
 from onnx import numpy_helper
 
 from polaris_opt.analysis import analyze
-from polaris_opt.calib_data import CalibrationSource
 from polaris_opt.capture import with_outputs
 from polaris_opt.compiler import run_pipeline
 from polaris_opt.errors import BadInput
@@ -24,26 +24,6 @@ from polaris_opt.pipeline import Pipeline
 from polaris_opt.quant_params import fake_quantize_weight
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
-
-
-class ListSource(CalibrationSource):
-    """Calibration batches from a list of feeds."""
-
-    def __init__(self, batches: list[dict[str, np.ndarray]]):
-        self._batches = batches
-
-    def batches(self):
-        return iter(self._batches)
-
-    @property
-    def num_batches(self) -> int:
-        return len(self._batches)
-
-
-def zoo_source(name: str, samples: int, batch: int = 32) -> ListSource:
-    with np.load(MODELS / f"{name}.calib.npz") as archive:
-        key, data = archive.files[0], archive[archive.files[0]][:samples]
-    return ListSource([{key: data[i : i + batch]} for i in range(0, samples, batch)])
 
 
 @pytest.fixture(scope="module")

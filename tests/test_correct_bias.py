@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import ListSource
 from onnx import numpy_helper
 
-from polaris_opt.calib_data import CalibrationSource
 from polaris_opt.compiler import run_pipeline
 from polaris_opt.errors import BadInput
 from polaris_opt.export import to_graph, to_model
@@ -25,20 +25,6 @@ from polaris_opt.quant_params import fake_quantize_weight, weight_axis
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
 MODELS = Path(__file__).resolve().parent.parent / "models"
 RNG = np.random.default_rng(0)
-
-
-class ListSource(CalibrationSource):
-    """Calibration batches from a list of feeds."""
-
-    def __init__(self, batches: list[dict[str, np.ndarray]]):
-        self._batches = batches
-
-    def batches(self):
-        return iter(self._batches)
-
-    @property
-    def num_batches(self) -> int:
-        return len(self._batches)
 
 
 def parse(text: str, header: str = HEADER, **initializers: np.ndarray) -> onnx.ModelProto:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import ListSource, zoo_source
 
 from polaris_opt.analysis import analyze
 from polaris_opt.calib_data import CalibrationSource
@@ -24,26 +25,6 @@ from polaris_opt.pipeline import Pipeline
 from polaris_opt.quantization import Mode, QuantizeOptions
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
-
-
-class ListSource(CalibrationSource):
-    """Calibration batches from a list of feeds."""
-
-    def __init__(self, batches: list[dict[str, np.ndarray]]):
-        self._batches = batches
-
-    def batches(self):
-        return iter(self._batches)
-
-    @property
-    def num_batches(self) -> int:
-        return len(self._batches)
-
-
-def zoo_source(name: str, samples: int, batch: int = 32) -> ListSource:
-    with np.load(MODELS / f"{name}.calib.npz") as archive:
-        key, data = archive.files[0], archive[archive.files[0]][:samples]
-    return ListSource([{key: data[i : i + batch]} for i in range(0, samples, batch)])
 
 
 def replay(model: onnx.ModelProto, text: str, source: CalibrationSource) -> onnx.ModelProto:

@@ -12,10 +12,9 @@ import export_like
 import numpy as np
 import onnx
 import pytest
-from helpers import assert_same_outputs, op_counts, run_pass, run_pass_with_stats
+from helpers import ListSource, assert_same_outputs, op_counts, run_pass, run_pass_with_stats
 from onnx import numpy_helper
 
-from polaris_opt.calib_data import CalibrationSource
 from polaris_opt.compiler import run_pipeline
 from polaris_opt.errors import BadInput
 from polaris_opt.export import to_graph
@@ -41,20 +40,6 @@ def parse(text: str, **initializers: np.ndarray) -> onnx.ModelProto:
     model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in initializers.items())
     onnx.checker.check_model(model, full_check=True)
     return model
-
-
-class ListSource(CalibrationSource):
-    """Calibration batches from a list, restartable like every source."""
-
-    def __init__(self, batches: list[dict[str, np.ndarray]]):
-        self._batches = batches
-
-    def batches(self):
-        return iter(self._batches)
-
-    @property
-    def num_batches(self) -> int:
-        return len(self._batches)
 
 
 def quantize(model: onnx.ModelProto, text: str = "quantize-int4", calib=None):
