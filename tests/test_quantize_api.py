@@ -26,7 +26,7 @@ def test_int8_from_a_dict_of_arrays_reports_layers_and_fidelity():
     assert isinstance(result.model, onnx.ModelProto)
     report = result.report
     assert report["pipeline"] == result.pipeline
-    assert report["fidelity"]["data"] == "calibration data"
+    assert report["fidelity"]["data"] == "the first 8 batches of the calibration data"  # 16 batches given
     assert report["fidelity"]["sqnr_db"] > 20
     assert [layer["op"] for layer in report["layers"] if layer["precision"] == "int8"] == ["Gemm"] * 3
     assert report["output_bytes"] < 0.5 * report["input_bytes"]  # a tiny model: names and scales weigh
