@@ -92,3 +92,12 @@ def test_refuses_to_overwrite_the_input(tmp_path):
     result = polaris("quantize", model, "--fp16", "-o", model)
     assert result.returncode == 2
     assert digest(model) == digest(CNN)
+
+
+def test_an_unreachable_target_writes_the_best_model_and_exits_1(tmp_path):
+    out = tmp_path / "best.onnx"
+    args = ["--int8", "--calib", CNN_CALIB, "--target-sqnr", "200", "--no-cache", "-o", out]
+    result = polaris("quantize", CNN, *args)
+    assert result.returncode == 1, result.stderr
+    assert "target not reached" in result.stderr and "was not reached" in result.stderr
+    assert out.exists() and onnx.load(out).graph.node

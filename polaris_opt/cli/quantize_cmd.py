@@ -212,6 +212,12 @@ def quantize(
     summary["input_bytes"], summary["output_bytes"] = model.stat().st_size, output.stat().st_size
     summary["size_ratio"] = summary["output_bytes"] / max(summary["input_bytes"], 1)
     out.result(summary, lambda console: render(console, summary))
+    mixed = result.report.get("mixed_precision")
+    if mixed is not None and not mixed["reached"]:
+        from polaris_opt.errors import GateFailed
+
+        # The model is written (the best found), but it misses what was asked: exit 1, like a gate.
+        raise GateFailed("mixed precision: the target was not reached (see the warning above)")
 
 
 def _mode(int8: bool, fp16: bool, int4: bool, dynamic: bool):
