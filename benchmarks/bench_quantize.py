@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -162,7 +163,10 @@ def bench_fidelity(tmp: Path) -> dict:
 def ours_body(model_path: Path, method: str, calib: Path, out: Path) -> str:
     return (
         "import polaris_opt, onnx\n"
-        f"r = polaris_opt.quantize({str(model_path)!r}, {str(calib)!r}, mode='int8', method={method!r})\n"
+        # ORT's calibrator builds its session with default options, i.e. one thread per core;
+        # ours gets the same thread count.
+        f"r = polaris_opt.quantize({str(model_path)!r}, {str(calib)!r}, mode='int8', method={method!r}, "
+        f"threads={os.cpu_count()})\n"
         f"onnx.save(r.model, {str(out)!r})"
     )
 
