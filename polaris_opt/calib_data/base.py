@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -68,7 +69,7 @@ def input_names(inputs: list[InputSpec]) -> str:
     return ", ".join(spec.name for spec in inputs)
 
 
-class CalibrationSource:
+class CalibrationSource(ABC):
     """Base of every calibration source.
 
     `batches()` starts again from the first batch each time it is called, so several passes can
@@ -79,8 +80,9 @@ class CalibrationSource:
     # False for `--calib random`: results computed from it are not to be trusted.
     trustworthy: bool = True
 
+    @abstractmethod
     def batches(self) -> Iterator[dict[str, np.ndarray]]:  # pragma: no cover - abstract
-        raise NotImplementedError
+        """The batches, starting again from the first at each call."""
 
     def fingerprint(self) -> str | None:
         return None

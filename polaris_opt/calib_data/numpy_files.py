@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import zipfile
 import zlib
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -101,7 +102,7 @@ def numpy_kind(path: Path, where: str) -> str | None:
     return "npy" if head == _NPY_MAGIC else None
 
 
-class _NumpyFile:
+class _NumpyFile(ABC):
     """A NumPy file whose headers are read: `check` them against the model, then read `chunks`."""
 
     path: Path
@@ -114,8 +115,9 @@ class _NumpyFile:
         self.rows = check_arrays(inputs, self.headers, self.where)
         return self.rows
 
+    @abstractmethod
     def chunks(self, rows: int) -> Iterator[Batch]:  # pragma: no cover - abstract
-        raise NotImplementedError
+        """The file's arrays, `rows` samples at a time."""
 
 
 class NpzFile(_NumpyFile):

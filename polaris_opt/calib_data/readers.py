@@ -43,6 +43,10 @@ class ReaderSource(RowSource):
     def fingerprint(self) -> str | None:
         return None
 
+    def _hash_content(self, digest: Any) -> None:
+        """Not used: a reader's data is known only as it is read, so there is no fingerprint and
+        calibration statistics from a reader are never cached."""
+
     def batches(self) -> Iterator[Batch]:
         if self._spool is not None:
             return self._replay(self._spool)

@@ -8,6 +8,7 @@ writes the content fingerprint the statistics cache keys on.
 from __future__ import annotations
 
 import hashlib
+from abc import abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,9 @@ class RowSource(CalibrationSource):
         # The chunks open here, not on the first next(), so bad data or state fails at the call.
         return self._batched(self._open_chunks())
 
+    @abstractmethod
     def _open_chunks(self) -> Iterator[Batch]:  # pragma: no cover - abstract
-        raise NotImplementedError
+        """The rows as they are stored (per file, per array), before they are cut into batches."""
 
     def _batched(self, chunks: Iterator[Batch]) -> Iterator[Batch]:
         rows, fixed = self.batching.rows, self.batching.fixed
@@ -113,8 +115,9 @@ class RowSource(CalibrationSource):
         names = ",".join(spec.name for spec in self.inputs)
         return f"{type(self).__name__};inputs={names};rows={b.rows};fixed={b.fixed};limit={b.limit}"
 
+    @abstractmethod
     def _hash_content(self, digest: Any) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+        """Feed the bytes of the data to `digest` (the fingerprint's content part)."""
 
 
 def hash_file(digest: Any, path: Path) -> None:
