@@ -46,11 +46,11 @@ from polaris_opt.errors import BadInput
 from polaris_opt.passes_api import Pass, PassContext, PassResult
 from polaris_opt.shape_info import inference_skeleton
 from polaris_opt.surgery import (
+    Names,
     constant_value,
     consumers,
     is_graph_output,
     is_standard_domain,
-    iter_graphs,
     producer,
     subgraphs,
 )
@@ -279,8 +279,7 @@ class _Rewriter:
 
     def __init__(self, graph: gs.Graph, plans: dict[int, NodePlan], dtypes, keep_io_types: bool):
         self.graph, self.plans, self.dtypes, self.keep_io_types = graph, plans, dtypes, keep_io_types
-        self.names = {name for g in iter_graphs(graph) for name in g.tensors()}
-        self.names |= {node.name for g in iter_graphs(graph) for node in g.nodes}
+        self.names = Names(graph)
         self.casts_after: dict[int | None, list[gs.Node]] = {}  # id(anchor node) or None: graph start
         self.holders: dict[tuple[int, np.dtype], gs.Tensor] = {}  # (id(tensor), dtype) -> same value
         self.cast_names: list[str] = []
@@ -346,7 +345,7 @@ class _Rewriter:
             if not half or _is_interface(weight, self.graph):
                 continue
             whole = len(half) == len(reads)
-            name = weight.name if whole else self._fresh(f"{weight.name}_fp16")
+            name = weight.name if whole else self.names.fresh(f"{weight.name}_fp16")
             converted = gs.Constant(name, constant_value(weight).astype(np.float16))
             for reader, slot in half:
                 reader.inputs[slot] = converted
@@ -379,7 +378,9 @@ class _Rewriter:
 
     def _split_output(self, output: gs.Variable, made_by: gs.Node, stored, required) -> gs.Variable:
         """The producer writes a new tensor of type `stored`; a Cast from it writes `output`, name kept."""
-        twin = gs.Variable(self._fresh(f"{output.name}_{_short(stored)}"), dtype=stored, shape=output.shape)
+        twin = gs.Variable(
+            self.names.fresh(f"{output.name}_{_short(stored)}"), dtype=stored, shape=output.shape
+        )
         made_by.outputs[_position(made_by.outputs, output)] = twin
         output.dtype = required
         self._add_cast(twin, output, made_by)
@@ -391,7 +392,7 @@ class _Rewriter:
         """The tensor holding `source`'s value as `wanted`: itself, or a Cast of it made once."""
         key = (id(source), wanted)
         if key not in self.holders:
-            name = self._fresh(f"{source.name}_{_short(wanted)}")
+            name = self.names.fresh(f"{source.name}_{_short(wanted)}")
             self.holders[key] = gs.Variable(name, dtype=wanted, shape=source.shape)
             self._add_cast(source, self.holders[key], made_by)
         return self.holders[key]
@@ -399,7 +400,7 @@ class _Rewriter:
     def _add_cast(self, source: gs.Tensor, result: gs.Variable, after: gs.Node | None) -> None:
         node = gs.Node(
             "Cast",
-            name=self._fresh(f"{result.name}/Cast"),
+            name=self.names.fresh(f"{result.name}/Cast"),
             attrs={"to": ONNX_TYPE[np.dtype(result.dtype)]},
             inputs=[source],
             outputs=[result],
@@ -415,13 +416,6 @@ class _Rewriter:
             nodes.append(node)
             nodes += self.casts_after.get(id(node), [])
         self.graph.nodes = nodes
-
-    def _fresh(self, base: str) -> str:
-        name, n = base, 1
-        while name in self.names:
-            name, n = f"{base}_{n}", n + 1
-        self.names.add(name)
-        return name
 
 
 def _reads(tensor: gs.Tensor) -> list[tuple[gs.Node, int]]:

@@ -36,7 +36,13 @@ from polaris_opt.fidelity import sqnr_from_energies
 from polaris_opt.int8_placement import PER_CHANNEL_OPSET
 from polaris_opt.passes_api import Pass, PassContext, PassResult
 from polaris_opt.quant_params import fake_quantize_weight, weight_axis
-from polaris_opt.surgery import constant_value, consumers, is_graph_output, is_standard_domain, iter_graphs
+from polaris_opt.surgery import (
+    Names,
+    constant_value,
+    consumers,
+    is_graph_output,
+    is_standard_domain,
+)
 
 PROBE_PREFIX = "correct_bias.probe"
 
@@ -69,7 +75,7 @@ class CorrectBias(Pass):
         rows = []
         if layers:
             measured = measure_errors(to_model(graph), layers, ctx)
-            names = {name for g in iter_graphs(graph) for name in g.tensors()}
+            names = Names(graph)
             rows = [
                 apply_correction(layer, sums, names) for layer, sums in zip(layers, measured, strict=True)
             ]
@@ -250,7 +256,7 @@ def _accumulate(sums: ErrorSums | None, error: np.ndarray, output: np.ndarray) -
 # ---------------------------------------------------------------------------- correcting bias
 
 
-def apply_correction(layer: Layer, errors: ErrorSums, names: set[str]) -> dict[str, Any]:
+def apply_correction(layer: Layer, errors: ErrorSums, names: Names) -> dict[str, Any]:
     """Subtract the measured shift from the layer's bias; the row that reports it."""
     shift = errors.shift
     if layer.node.op == "Conv":
@@ -287,17 +293,13 @@ def _gemm_bias(node: gs.Node, shift: np.ndarray) -> np.ndarray:
     return (scaled - shift).astype(np.float32)
 
 
-def _set_bias(node: gs.Node, index: int, value: np.ndarray, names: set[str]) -> None:
+def _set_bias(node: gs.Node, index: int, value: np.ndarray, names: Names) -> None:
     """A new constant in input `index`: a bias shared with another node must not change under it."""
     if index < len(node.inputs) and not node.inputs[index].is_empty():
         base = node.inputs[index].name
     else:
         base = f"{node.inputs[1].name}.bias"
-    name, n = f"{base}.bias_corrected", 1
-    while name in names:
-        name, n = f"{base}.bias_corrected_{n}", n + 1
-    names.add(name)
-    tensor = gs.Constant(name, value)
+    tensor = gs.Constant(names.fresh(f"{base}.bias_corrected"), value)
     if index < len(node.inputs):
         node.inputs[index] = tensor
     else:

@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 
 from polaris_opt.passes_api import Pass, PassContext, PassResult
 from polaris_opt.surgery import (
+    Names,
     constant_value,
     is_graph_output,
     is_local,
@@ -40,7 +41,7 @@ class FoldBatchNorm(Pass):
     name: ClassVar[str] = "fold-batchnorm"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        names = {name for g in iter_graphs(graph) for name in g.tensors()}
+        names = Names(graph)
         folded = skipped = 0
         for g in iter_graphs(graph):
             batchnorms = [n for n in g.nodes if n.op == "BatchNormalization" and is_standard_domain(n)]
@@ -50,7 +51,7 @@ class FoldBatchNorm(Pass):
         return PassResult(modified=folded > 0, stats={"folded": folded, "skipped": skipped})
 
 
-def fold(bn: gs.Node, graph: gs.Graph, names: set[str]) -> bool:
+def fold(bn: gs.Node, graph: gs.Graph, names: Names) -> bool:
     """Fold `bn` into the node before it; False (graph unchanged) when that is not sound."""
     node = foldable_producer(bn, graph)
     scale_shift = _scale_shift(bn)
@@ -176,10 +177,6 @@ def _base_name(node: gs.Node, index: int) -> str:
     return f"{node.inputs[1].name}.bias"  # a bias the node did not have
 
 
-def _fresh_constant(base: str, value: np.ndarray, names: set[str]) -> gs.Constant:
+def _fresh_constant(base: str, value: np.ndarray, names: Names) -> gs.Constant:
     """A new initializer named after `base`, with a name no tensor of the model has."""
-    name, n = f"{base}.bn_folded", 1
-    while name in names:
-        name, n = f"{base}.bn_folded_{n}", n + 1
-    names.add(name)
-    return gs.Constant(name, value)
+    return gs.Constant(names.fresh(f"{base}.bn_folded"), value)

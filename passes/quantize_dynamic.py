@@ -39,7 +39,7 @@ from polaris_opt.errors import BadInput
 from polaris_opt.fidelity import sqnr_db
 from polaris_opt.passes_api import Pass, PassContext, PassResult
 from polaris_opt.quant_params import dequantize, quantize, weight_axis, weight_params
-from polaris_opt.surgery import constant_value, is_standard_domain, iter_graphs, producer
+from polaris_opt.surgery import Names, constant_value, is_standard_domain, iter_graphs, producer
 
 MS_DOMAIN = "com.microsoft"
 MS_OPSET = 1
@@ -65,7 +65,7 @@ class QuantizeDynamic(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         excluded = {entry.strip() for entry in self.exclude.split(";") if entry.strip()}
-        quantizer = _Quantizer(self.per_channel, _all_names(graph))
+        quantizer = _Quantizer(self.per_channel, Names(graph))
         layers = []
         for g in iter_graphs(graph):
             for node in g.nodes:
@@ -176,7 +176,7 @@ def _gemm_weight_and_bias(node: gs.Node, source: gs.Constant, value: np.ndarray)
 class _Quantizer:
     """Quantizes weights once each (a weight shared by several layers keeps one int8 copy) and names them."""
 
-    def __init__(self, per_channel: bool, names: set[str]):
+    def __init__(self, per_channel: bool, names: Names):
         self.per_channel = per_channel
         self.names = names
         self.done: dict[tuple, tuple[gs.Constant, gs.Constant, gs.Constant, float]] = {}
@@ -209,15 +209,7 @@ class _Quantizer:
         )
 
     def constant(self, base: str, value: np.ndarray) -> gs.Constant:
-        name, n = base, 1
-        while name in self.names:
-            name, n = f"{base}_{n}", n + 1
-        self.names.add(name)
-        return gs.Constant(name, value)
-
-
-def _all_names(graph: gs.Graph) -> set[str]:
-    return {name for g in iter_graphs(graph) for name in g.tensors()}
+        return gs.Constant(self.names.fresh(base), value)
 
 
 def _import_domain(graph: gs.Graph, domain: str, version: int) -> None:

@@ -50,7 +50,7 @@ from polaris_opt.int4 import (
     quantize_blocks,
 )
 from polaris_opt.passes_api import Pass, PassContext, PassResult
-from polaris_opt.surgery import constant_value, is_standard_domain, iter_graphs
+from polaris_opt.surgery import Names, constant_value, is_standard_domain, iter_graphs
 
 MS_DOMAIN = "com.microsoft"
 MAX_ACCURACY_LEVEL = 4  # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
@@ -100,7 +100,7 @@ class QuantizeInt4(Pass):
         self._check_options(ctx)
         layers, skipped = find_layers(graph, self._excluded)
         hessians = self._hessians(graph, layers, ctx) if self.method is Int4Method.GPTQ and layers else {}
-        names = {name for g in iter_graphs(graph) for name in g.tensors()}
+        names = Names(graph)
         rows = []
         with ctx.progress(f"quantizing to INT4 ({self.method.value})", len(layers)) as advance:
             for layer in layers:
@@ -151,7 +151,7 @@ class QuantizeInt4(Pass):
         _check_finite(hessians, layers)
         return hessians
 
-    def _quantize(self, layer: Layer, hessian: tuple[np.ndarray, int] | None, names: set[str]) -> dict:
+    def _quantize(self, layer: Layer, hessian: tuple[np.ndarray, int] | None, names: Names) -> dict:
         """Quantize one layer and rewrite its node; returns its row of the details table."""
         k, n = layer.weight.shape
         block_size = fitted_block_size(k, self.block_size)
@@ -177,7 +177,7 @@ class QuantizeInt4(Pass):
         }
 
     def _rewrite(
-        self, layer: Layer, quantized: Quantized, block_size: int, names: set[str]
+        self, layer: Layer, quantized: Quantized, block_size: int, names: Names
     ) -> list[gs.Constant]:
         """Turn the layer's node into MatMulNBits in place; returns the weight tensors it now reads."""
         node, (k, n) = layer.node, layer.weight.shape
@@ -340,10 +340,6 @@ def _import_ms_domain(graph: gs.Graph) -> None:
         domains.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
 
 
-def _fresh_constant(base: str, value: np.ndarray, names: set[str]) -> gs.Constant:
+def _fresh_constant(base: str, value: np.ndarray, names: Names) -> gs.Constant:
     """A new initializer named after `base`, with a name no tensor of the model has."""
-    name, n = base, 1
-    while name in names:
-        name, n = f"{base}_{n}", n + 1
-    names.add(name)
-    return gs.Constant(name, np.ascontiguousarray(value))
+    return gs.Constant(names.fresh(base), np.ascontiguousarray(value))

@@ -23,34 +23,17 @@ import onnx_graphsurgeon as gs
 
 from polaris_opt.quant_params import QuantParams
 from polaris_opt.surgery import (
+    Names,
     constant_value,
     consumers,
     is_graph_output,
     is_standard_domain,
-    iter_graphs,
     producer,
     remove_nodes,
 )
 
 QUANTIZE, DEQUANTIZE = "QuantizeLinear", "DequantizeLinear"
 INT32_LIMIT = np.iinfo(np.int32).max
-
-
-class Names:
-    """Hands out names that no tensor or node of the graph (sub-graphs included) uses yet."""
-
-    def __init__(self, graph: gs.Graph):
-        self.taken: set[str] = set()
-        for g in iter_graphs(graph):
-            self.taken.update(g.tensors())
-            self.taken.update(node.name for node in g.nodes)
-
-    def fresh(self, base: str) -> str:
-        name, n = base, 1
-        while name in self.taken:
-            name, n = f"{base}_{n}", n + 1
-        self.taken.add(name)
-        return name
 
 
 # ----------------------------------------------------------------------------- recognising

@@ -168,3 +168,21 @@ def node_reads(node: gs.Node) -> list[gs.Tensor]:
     for sub in subgraphs(node):
         reads += outer_scope_tensors(sub)
     return list({id(t): t for t in reads}.values())  # each once, in first-read order
+
+
+class Names:
+    """Hands out names that no tensor or node of the graph (sub-graphs included) uses yet:
+    `fresh("w.int8")` gives "w.int8", then "w.int8_1", "w.int8_2", ..."""
+
+    def __init__(self, graph: gs.Graph):
+        self.taken: set[str] = set()
+        for g in iter_graphs(graph):
+            self.taken.update(g.tensors())
+            self.taken.update(node.name for node in g.nodes)
+
+    def fresh(self, base: str) -> str:
+        name, n = base, 1
+        while name in self.taken:
+            name, n = f"{base}_{n}", n + 1
+        self.taken.add(name)
+        return name
