@@ -134,7 +134,8 @@ def find_targets(
             continue  # activation times activation (attention scores): no weight to prune
         weight = weight_of(node)
         if weight is None:
-            skipped.append({"name": node.name, "reason": "weight is not a float tensor this pass can view as a matrix"})
+            reason = "weight is not a float tensor this pass can view as a matrix"
+            skipped.append({"name": node.name, "reason": reason})
             continue
         if any(fnmatch.fnmatchcase(n, p) for p in patterns for n in (node.name, weight.name)):
             skipped.append({"name": node.name, "reason": "excluded"})
@@ -148,6 +149,7 @@ def find_targets(
         ends = {ordered[0].name, ordered[-1].name}
         for target in ordered:
             if target.name in ends:
-                skipped.append({"name": target.node.name, "reason": "first or last layer (--skip-first-last)"})
+                reason = "first or last layer (--skip-first-last)"
+                skipped.append({"name": target.node.name, "reason": reason})
         ordered = [t for t in ordered if t.name not in ends]
     return ordered, skipped
