@@ -121,7 +121,9 @@ def stream_tensors(
     fetched = [n for n in names if n in runnable]
     with progress(description, total) as advance:
         for batch in batches:
-            values = dict(zip(fetched, session.run(fetched, batch), strict=True))
+            # run([]) would return every output, not none: ask only when something is computed.
+            computed = session.run(fetched, batch) if fetched else []
+            values = dict(zip(fetched, computed, strict=True))
             for name in names:
                 if name not in values and name in batch:
                     values[name] = batch[name]

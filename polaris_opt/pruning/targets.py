@@ -59,12 +59,12 @@ class PruneTarget:
 
     def matrix(self) -> np.ndarray:
         """A copy of the weight as [rows = output features, cols = reduction], float64-free."""
-        return to_matrix(self.node, np.array(self.weight.values))
+        return to_matrix(self.node, np.asarray(self.weight.values))
 
     def set_matrix(self, matrix: np.ndarray) -> None:
         """Write `matrix` (in the view of `matrix()`) back into the weight, in its own layout and dtype."""
         values = from_matrix(self.node, matrix, self.weight.values.shape)
-        self.weight.values = values.astype(self.weight.values.dtype)
+        self.weight.values = values.astype(self.weight.values.dtype, copy=False)
 
     def layer_input(self, node: gs.Node | None = None) -> gs.Tensor:
         """The activation `node` (the first reader by default) multiplies with the weight."""
@@ -127,6 +127,7 @@ def find_targets(
     patterns = [p for p in exclude if p]
     targets: dict[str, PruneTarget] = {}
     skipped: list[dict[str, str]] = []
+    excluded_weights: set[str] = set()
     for order, node in enumerate(graph.nodes):
         if node.op not in PRUNABLE_OPS:
             continue
@@ -139,11 +140,17 @@ def find_targets(
             continue
         if any(fnmatch.fnmatchcase(n, p) for p in patterns for n in (node.name, weight.name)):
             skipped.append({"name": node.name, "reason": "excluded"})
+            excluded_weights.add(weight.name)
             continue
         if weight.name in targets:
             targets[weight.name].nodes.append(node)
         else:
             targets[weight.name] = PruneTarget(weight=weight, nodes=[node], order=order)
+    # An excluded node must stay dense, so a weight it shares with other layers stays dense too.
+    for name in sorted(excluded_weights & set(targets)):
+        for node in targets.pop(name).nodes:
+            reason = f"weight '{name}' is shared with an excluded node"
+            skipped.append({"name": node.name, "reason": reason})
     ordered = sorted(targets.values(), key=lambda t: t.order)
     if skip_first_last and ordered:
         ends = {ordered[0].name, ordered[-1].name}
