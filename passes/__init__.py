@@ -23,6 +23,8 @@ PASSES: dict[str, str] = {
     "convert-fp16": "polaris_opt.passes.convert_fp16:ConvertFp16",
     "quantize-int4": "polaris_opt.passes.quantize_int4:QuantizeInt4",
     "correct-bias": "polaris_opt.passes.correct_bias:CorrectBias",
+    "prune": "polaris_opt.passes.prune:Prune",
+    "prune-structured": "polaris_opt.passes.prune_structured:PruneStructured",
 }
 
 # An alias names a sequence of passes; it is printed back as written and expanded when run.

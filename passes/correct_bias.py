@@ -34,15 +34,10 @@ from polaris_opt.errors import BadInput
 from polaris_opt.export import to_model
 from polaris_opt.fidelity import sqnr_from_energies
 from polaris_opt.int8_placement import PER_CHANNEL_OPSET
+from polaris_opt.layer_bias import bias_add, channels_last, conv_bias, gemm_bias, set_bias
 from polaris_opt.passes_api import Pass, PassContext, PassResult
 from polaris_opt.quant_params import fake_quantize_weight, weight_axis
-from polaris_opt.surgery import (
-    Names,
-    constant_value,
-    consumers,
-    is_graph_output,
-    is_standard_domain,
-)
+from polaris_opt.surgery import Names, constant_value, is_standard_domain
 
 PROBE_PREFIX = "correct_bias.probe"
 
@@ -148,25 +143,10 @@ def _layer(node: gs.Node, graph: gs.Graph, per_channel: bool) -> Layer | str:
         if has_bias and (bias is None or bias.dtype != np.float32):
             return "bias is not a constant float32"
         return Layer(node, delta, node.outputs[0])
-    bias_add = _bias_add(node, graph)
-    if bias_add is None:
+    add = bias_add(node, graph)
+    if add is None:
         return "MatMul has no constant bias Add as its only reader"
-    return Layer(node, delta, bias_add.outputs[0], bias_add)
-
-
-def _bias_add(matmul: gs.Node, graph: gs.Graph) -> gs.Node | None:
-    # Another reader of the MatMul output, or a graph output, would not see the corrected bias.
-    out = matmul.outputs[0]
-    readers = consumers(out)
-    if len(readers) != 1 or is_graph_output(out, graph) or readers[0].op != "Add":
-        return None
-    add = readers[0]
-    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
-    bias = constant_value(other)
-    channels = matmul.inputs[1].shape[1]
-    if bias is None or bias.dtype != np.float32 or bias.shape[-1:] not in ((), (1,), (channels,)):
-        return None
-    return add
+    return Layer(node, delta, add.outputs[0], add)
 
 
 # --------------------------------------------------------------------------- measuring errors
@@ -211,7 +191,7 @@ def measure_errors(model: onnx.ModelProto, layers: list[Layer], ctx: PassContext
     )
     for values in streamed:
         for index, layer in enumerate(layers):
-            error = _channels_last(values[probes[index]], layer.channel_axis)
+            error = channels_last(values[probes[index]], layer.channel_axis)
             output = values[layer.output.name].astype(np.float64)
             sums[index] = _accumulate(sums[index], error, output)
     if sums and sums[0] is None:
@@ -236,12 +216,6 @@ def with_probes(model: onnx.ModelProto, layers: list[Layer]) -> onnx.ModelProto:
     return probed
 
 
-def _channels_last(values: np.ndarray, axis: int) -> np.ndarray:
-    """[rows, channels] view of a layer output whose channels run along `axis`, in float64."""
-    values = np.moveaxis(values, axis, -1) if values.ndim > 1 else values[None, :]
-    return values.reshape(-1, values.shape[-1]).astype(np.float64)
-
-
 def _accumulate(sums: ErrorSums | None, error: np.ndarray, output: np.ndarray) -> ErrorSums:
     if sums is None:
         channels = error.shape[1]
@@ -260,14 +234,14 @@ def apply_correction(layer: Layer, errors: ErrorSums, names: Names) -> dict[str,
     """Subtract the measured shift from the layer's bias; the row that reports it."""
     shift = errors.shift
     if layer.node.op == "Conv":
-        _set_bias(layer.node, 2, _conv_bias(layer.node, shift), names)
+        set_bias(layer.node, 2, conv_bias(layer.node, shift), names)
     elif layer.node.op == "Gemm":
-        _set_bias(layer.node, 2, _gemm_bias(layer.node, shift), names)
+        set_bias(layer.node, 2, gemm_bias(layer.node, shift), names)
     else:
         add = layer.bias_add
         index = 0 if add.inputs[1] is layer.node.outputs[0] else 1
         bias = constant_value(add.inputs[index]).astype(np.float64)
-        _set_bias(add, index, (bias - shift).astype(np.float32), names)
+        set_bias(add, index, (bias - shift).astype(np.float32), names)
     return {
         "name": layer.node.name,
         "op": layer.node.op,
@@ -276,31 +250,3 @@ def apply_correction(layer: Layer, errors: ErrorSums, names: Names) -> dict[str,
         "sqnr_before_db": round(errors.sqnr_before(), 3),
         "sqnr_after_db": round(errors.sqnr_after(), 3),
     }
-
-
-def _conv_bias(node: gs.Node, shift: np.ndarray) -> np.ndarray:
-    has_bias = len(node.inputs) > 2 and not node.inputs[2].is_empty()
-    bias = constant_value(node.inputs[2]) if has_bias else np.zeros(shift.shape, np.float32)
-    return (bias.astype(np.float64) - shift).astype(np.float32)
-
-
-def _gemm_bias(node: gs.Node, shift: np.ndarray) -> np.ndarray:
-    # Y = α·A·B + β·C: fold β into the new C so that it can be set to 1 (C - s/β would fail at β = 0).
-    has_bias = len(node.inputs) > 2 and not node.inputs[2].is_empty()
-    beta = node.attrs.get("beta", 1.0)
-    scaled = beta * constant_value(node.inputs[2]).astype(np.float64) if has_bias else 0.0
-    node.attrs["beta"] = 1.0
-    return (scaled - shift).astype(np.float32)
-
-
-def _set_bias(node: gs.Node, index: int, value: np.ndarray, names: Names) -> None:
-    """A new constant in input `index`: a bias shared with another node must not change under it."""
-    if index < len(node.inputs) and not node.inputs[index].is_empty():
-        base = node.inputs[index].name
-    else:
-        base = f"{node.inputs[1].name}.bias"
-    tensor = gs.Constant(names.fresh(f"{base}.bias_corrected"), value)
-    if index < len(node.inputs):
-        node.inputs[index] = tensor
-    else:
-        node.inputs.append(tensor)

@@ -19,8 +19,8 @@ scope=global shares one budget across layers (polaris_opt.pruning.allocation), n
 max-layer-sparsity; for wanda and sparsegpt the shared ranking uses wanda's scores.
 
 Weights keep their dtype, and a weight shared by several layers is pruned once, so every reader
-sees the same zeros. With correct=true each pruned layer's bias (or the BatchNormalization
-after it) is re-fitted on the calibration data (polaris_opt.pruning.correction).
+sees the same zeros. With correct=true each pruned layer's per-channel scale and bias (or the
+BatchNormalization after it) are re-fitted on the calibration data (polaris_opt.pruning.correction).
 """
 
 from __future__ import annotations

@@ -10,4 +10,8 @@ def __getattr__(name: str):
         from polaris_opt.quantization import quantize
 
         return quantize
+    if name == "prune":
+        from polaris_opt.pruning.api import prune
+
+        return prune
     raise AttributeError(f"module 'polaris_opt' has no attribute '{name}'")

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from polaris_opt.graph_io import load_model
-from polaris_opt.inspect import summarize
+from polaris_opt.inspect import sparsity_pattern, summarize
 
 CLI = Path(sys.executable).parent / "polaris-opt"
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -120,6 +120,7 @@ def test_initializer_rows(summary):
     assert rows["W"] == {
         "name": "W", "shape": [4, 3], "dtype": "float32", "elements": 12, "bytes": 48,
         "sparsity": 0.25, "source": "initializer", "in_subgraph": False,
+        "prunable": True, "pattern": "unstructured",
     }  # fmt: skip
     assert rows["B"]["sparsity"] == pytest.approx(1 / 3)
     assert rows["c"]["source"] == "constant" and rows["c"]["sparsity"] == 1.0
@@ -193,3 +194,98 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("polaris-opt: error:") and "notes.onnx" in lines[0]
     assert result.stdout == ""
+
+
+# ------------------------------------------------------------------------------ weight sparsity
+
+
+def nm_matrix(rows: int, cols: int, n: int, m: int, seed: int = 0) -> np.ndarray:
+    """Random weights keeping the n largest of every m columns of a row (last group padded)."""
+    rng = np.random.default_rng(seed)
+    matrix = rng.standard_normal((rows, cols)).astype(np.float32)
+    for start in range(0, cols, m):
+        group = matrix[:, start : start + m]
+        drop = np.argsort(np.abs(group), axis=1)[:, : max(group.shape[1] - n, 0)]
+        np.put_along_axis(group, drop, 0.0, axis=1)
+    return matrix
+
+
+def block_matrix(rows: int, cols: int, r: int, c: int, seed: int = 0) -> np.ndarray:
+    """Random weights with about half of the aligned r×c blocks zero (edge blocks partial)."""
+    rng = np.random.default_rng(seed)
+    matrix = rng.standard_normal((rows, cols)).astype(np.float32) + 3.0  # no accidental zeros
+    keep = rng.random((-(-rows // r), -(-cols // c))) < 0.5
+    keep[0, 0], keep[-1, -1] = True, False
+    return matrix * np.kron(keep, np.ones((r, c)))[:rows, :cols]
+
+
+@pytest.mark.parametrize(
+    "matrix, pattern",
+    [
+        (nm_matrix(8, 32, 2, 4), "2:4"),
+        (nm_matrix(8, 30, 2, 4), "2:4"),  # 30 columns: the last group has 2 real entries
+        (nm_matrix(8, 32, 4, 8), "4:8"),
+        (nm_matrix(8, 32, 1, 4), "1:4"),
+        (block_matrix(16, 16, 4, 4), "block:4x4"),
+        (block_matrix(18, 22, 4, 4), "block:4x4"),  # partial blocks at both edges
+        (block_matrix(16, 32, 1, 8), "block:1x8"),
+        (block_matrix(32, 8, 16, 1), "block:16x1"),
+        (np.where(np.random.default_rng(1).random((32, 64)) < 0.9, 0, 1.0), "unstructured"),
+        (np.where(np.random.default_rng(2).random((32, 64)) < 0.5, 0, 1.0), "unstructured"),
+        (np.ones((4, 4)), None),
+    ],
+)
+def test_sparsity_pattern_detection(matrix, pattern):
+    assert sparsity_pattern(matrix) == pattern
+
+
+def test_weight_sparsity_and_patterns_of_a_pruned_conv_model():
+    import polaris_opt
+
+    pruned = polaris_opt.prune(MODELS / "digits_cnn.onnx", pattern="2:4").model
+    summary = summarize(pruned)
+    rows = [row for row in summary["initializers"] if row["prunable"]]
+    # Two Conv weights (their view: [O, C·3·3], last group padded) and the Gemm weight.
+    assert len(rows) == 3 and {row["pattern"] for row in rows} == {"2:4"}
+    weights = [
+        numpy_helper.to_array(t) for t in pruned.graph.initializer if t.name in {r["name"] for r in rows}
+    ]
+    zeros = sum(int(np.sum(w == 0)) for w in weights)
+    elements = sum(w.size for w in weights)
+    assert summary["weight_sparsity"] == {
+        "tensors": 3,
+        "elements": elements,
+        "zeros": zeros,
+        "sparsity": zeros / elements,
+    }
+    biases = [row for row in summary["initializers"] if not row["prunable"]]
+    assert biases and all(row["pattern"] is None for row in biases)
+
+
+def test_cli_sparsity_view_lists_weights_with_zeros_sparsest_first(tmp_path):
+    model = onnx.load(MODELS / "digits_mlp.onnx")
+    tensors = {t.name: t for t in model.graph.initializer}
+    for name, zeroed in (("fc1.weight", 0.5), ("fc2.weight", 0.75)):
+        values = numpy_helper.to_array(tensors[name]).copy()
+        values.reshape(-1)[: int(zeroed * values.size)] = 0.0
+        tensors[name].CopyFrom(numpy_helper.from_array(values, name))
+    path = tmp_path / "zeroed.onnx"
+    onnx.save(model, path)
+    result = polaris("inspect", path, "--sparsity")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "layer weights: 3 tensors, 6,464 elements" in out
+    assert out.index("fc2.weight") < out.index("fc1.weight") and "fc3.weight" not in out
+    assert "75.0%" in out and "50.0%" in out
+    # Whole leading rows are zero: fc1 [64, 64] its first 32 rows (aligned 32×32 blocks, the
+    # largest side tried), fc2 [32, 64] its first 24 (aligned in 8s, not in 16s).
+    document = json.loads(polaris("inspect", path, "--json").stdout)
+    patterns = {row["name"]: row["pattern"] for row in document["initializers"]}
+    assert patterns == {
+        "fc1.weight": "block:32x32",
+        "fc2.weight": "block:8x32",
+        "fc3.weight": None,
+        "fc1.bias": None,
+        "fc2.bias": None,
+        "fc3.bias": None,
+    }

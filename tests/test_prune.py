@@ -504,12 +504,15 @@ def test_correct_merges_the_correction_rows_into_the_layer_rows():
     out, _, details = prune(model, "prune{sparsity=0.7,correct=true}", calib=calib)
     plain, _, _ = prune(model, "prune{sparsity=0.7}")
     for row in details["layers"]:
-        assert row["refit"] == "bias"
+        assert row["refit"] == "scale+bias"
         assert row["gain_db"] == pytest.approx(row["sqnr_after_db"] - row["sqnr_before_db"], abs=2e-3)
     assert {c["layer"] for c in details["correction"]} == {"/fc1/Gemm", "/fc2/Gemm", "/fc3/Gemm"}
-    # The pruned weights are the same; only biases moved, and the output moved closer to dense.
-    assert all(
-        np.array_equal(weights(out)[n], weights(plain)[n]) for n in ["fc1.weight", "fc2.weight", "fc3.weight"]
-    )
+    # The pruned weights keep their zeros (each output row is only scaled), and the output moved
+    # closer to dense.
+    for n in ["fc1.weight", "fc2.weight", "fc3.weight"]:
+        corrected, pruned = weights(out)[n], weights(plain)[n]
+        np.testing.assert_array_equal(corrected == 0, pruned == 0)
+        row_scale = np.abs(corrected).sum(axis=1) / np.abs(pruned).sum(axis=1)
+        np.testing.assert_allclose(corrected, pruned * row_scale[:, None], rtol=1e-5)
     batches = list(calib.batches())
     assert output_sqnr(model, out, batches) > output_sqnr(model, plain, batches)

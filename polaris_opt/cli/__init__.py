@@ -49,7 +49,15 @@ def root(
 
 
 def _register_commands() -> None:
-    from polaris_opt.cli import analyze_cmd, compile_cmd, devices_cmd, inspect_cmd, passes_cmd, quantize_cmd
+    from polaris_opt.cli import (
+        analyze_cmd,
+        compile_cmd,
+        devices_cmd,
+        inspect_cmd,
+        passes_cmd,
+        prune_cmd,
+        quantize_cmd,
+    )
 
     app.command("quantize")(quantize_cmd.quantize)
     app.command("compile")(compile_cmd.compile)
@@ -57,6 +65,7 @@ def _register_commands() -> None:
     app.command("devices")(devices_cmd.devices)
     app.command("passes")(passes_cmd.passes)
     app.command("analyze")(analyze_cmd.analyze)
+    app.command("prune")(prune_cmd.prune)
 
 
 _register_commands()

@@ -14,11 +14,19 @@ from polaris_opt.cli.options import DebugFlag, JsonFlag, ModelArg, QuietFlag
 TopOpt = Annotated[
     int, typer.Option("--top", min=0, help="How many initializers to list, largest first (0 = all).")
 ]
+SparsityFlag = Annotated[
+    bool,
+    typer.Option(
+        "--sparsity",
+        help="List only the layer weights that hold zeros, sparsest first, with the pattern they form.",
+    ),
+]
 
 
 def inspect(
     model: ModelArg,
     top: TopOpt = 20,
+    sparsity: SparsityFlag = False,
     json: JsonFlag = False,
     quiet: QuietFlag = False,
     debug: DebugFlag = False,
@@ -31,7 +39,8 @@ def inspect(
 
     out = OUTPUT.merged(json=json, quiet=quiet, debug=debug)
     summary = summarize(load_model(model), path=model)
-    out.result(summary, lambda console: render(console, summary, top))
+    view = render_sparsity if sparsity else render
+    out.result(summary, lambda console: view(console, summary, top))
 
 
 def render(console: Console, summary: dict[str, Any], top: int) -> None:
@@ -53,6 +62,12 @@ def _header(summary: dict[str, Any]) -> str:
         f"{summary['nodes']} nodes{in_subgraphs} · "
         f"{human_count(params['elements'])} parameters, {human_bytes(params['bytes'])}",
     ]
+    weights = summary["weight_sparsity"]
+    if weights["tensors"]:
+        lines.append(
+            f"layer weights: {weights['tensors']} tensors, {weights['elements']:,} elements, "
+            f"{weights['sparsity']:.1%} zeros"
+        )
     lines += [f"[dim]{escape(key)}[/] = {escape(value)}" for key, value in info["metadata_props"].items()]
     return "\n".join(lines)
 
@@ -113,6 +128,33 @@ def _initializer_table(rows: list[dict[str, Any]], top: int) -> Table:
         shape, size = _shape(row["shape"]), human_bytes(row["bytes"])
         _add_row(table, row["name"], shape, row["dtype"], f"{row['elements']:,}", size, zeros, kind)
     return table
+
+
+def render_sparsity(console: Console, summary: dict[str, Any], top: int) -> None:
+    """`--sparsity`: the header, then only the layer weights with zeros, sparsest first."""
+    console.print(_header(summary))
+    rows = sorted(
+        (row for row in summary["initializers"] if row["prunable"] and row["sparsity"]),
+        key=lambda row: (-row["sparsity"], row["name"]),
+    )
+    shown = rows if top == 0 else rows[:top]
+    hidden = len(rows) - len(shown)
+    caption = f"… and {hidden} less sparse (--top 0 lists all)" if hidden else None
+    if not rows:
+        console.print("no layer weight holds zeros")
+        return
+    columns = [
+        ("name", "left"),
+        ("shape", "left"),
+        ("elements", "right"),
+        ("zeros", "right"),
+        ("pattern", "left"),
+    ]
+    table = _table("Layer weights with zeros, sparsest first", columns, caption)
+    for row in shown:
+        zeros = f"{row['sparsity']:.1%}"
+        _add_row(table, row["name"], _shape(row["shape"]), f"{row['elements']:,}", zeros, row["pattern"])
+    console.print(table)
 
 
 def _table(title: str, columns: list[tuple[str, str]], caption: str | None = None) -> Table:
