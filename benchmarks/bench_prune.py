@@ -224,7 +224,10 @@ def bench_speed(tmp: Path, runs: int) -> dict:
     large = MODELS / "large" / "mlp_large.onnx"
     contenders = {
         "sparsegpt_4096": prune_body(
-            matmul, tmp / "m.out.onnx", "prune{sparsity=0.5,method=sparsegpt}", matmul.with_suffix(".calib.npz")
+            matmul,
+            tmp / "m.out.onnx",
+            "prune{sparsity=0.5,method=sparsegpt}",
+            matmul.with_suffix(".calib.npz"),
         ),
         "magnitude_134MB": prune_body(large, tmp / "l.out.onnx", "cleanup,prune{sparsity=0.9}", None),
     }

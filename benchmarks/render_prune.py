@@ -1,6 +1,6 @@
 """Print benchmarks/out/prune.json as the Markdown tables of docs/BENCHMARKS.md's pruning section.
 
-    .venv/bin/python benchmarks/render_prune.py
+.venv/bin/python benchmarks/render_prune.py
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ def quality(table: dict) -> None:
             cells = [_quality_cell(by_method[m], dense) for m in METHODS]
             print(f"| {name} | {key} | " + " | ".join(cells) + " |")
     print()
-    print("Each cell: output SQNR vs the dense model in dB (digits: top-1 %, dense "
-          + ", ".join(f"{n} {r['dense']['top1']} %" for n, r in table.items() if "top1" in r["dense"])
-          + ").")
+    print(
+        "Each cell: output SQNR vs the dense model in dB (digits: top-1 %, dense "
+        + ", ".join(f"{n} {r['dense']['top1']} %" for n, r in table.items() if "top1" in r["dense"])
+        + ")."
+    )
 
 
 def _quality_cell(row: dict, dense: dict) -> str:
@@ -39,16 +41,22 @@ def structured(results: dict) -> None:
     resnet = results["resnet_s_channel_50"]
     print("| resnet_s, 50 % channels | value |")
     print("|---|---|")
-    print(f"| parameters | {resnet['params_dense']:,} → {resnet['params_pruned']:,} "
-          f"({resnet['params_ratio']:.3f}×) |")
+    print(
+        f"| parameters | {resnet['params_dense']:,} → {resnet['params_pruned']:,} "
+        f"({resnet['params_ratio']:.3f}×) |"
+    )
     for batch, ms in resnet["latency_ms"].items():
-        print(f"| ORT CPU latency, {batch}, 1 thread | {ms['dense']:.3f} ms → {ms['pruned']:.3f} ms "
-              f"({ms['speedup']:.2f}× faster) |")
+        print(
+            f"| ORT CPU latency, {batch}, 1 thread | {ms['dense']:.3f} ms → {ms['pruned']:.3f} ms "
+            f"({ms['speedup']:.2f}× faster) |"
+        )
     print(f"| output SQNR vs dense | {resnet['sqnr_db']:.1f} dB |")
     print()
     digits = results["digits_cnn_channel_25"]
-    print(f"digits_cnn at 25 % channels (dense top-1 {digits['top1_dense']} %, "
-          f"parameters {digits['params_ratio']:.3f}×):")
+    print(
+        f"digits_cnn at 25 % channels (dense top-1 {digits['top1_dense']} %, "
+        f"parameters {digits['params_ratio']:.3f}×):"
+    )
     print()
     print("| importance | top-1 | drop (points) | SQNR |")
     print("|---|---|---|---|")
@@ -58,9 +66,11 @@ def structured(results: dict) -> None:
     print()
     heads = results["transformer_s_head_50"]
     ms = heads["latency_ms"]
-    print(f"transformer_s, half the heads: parameters {heads['params_ratio']:.3f}×, SQNR "
-          f"{heads['sqnr_db']:.1f} dB, batch 8 latency {ms['dense']:.3f} → {ms['pruned']:.3f} ms "
-          f"({ms['speedup']:.2f}×).")
+    print(
+        f"transformer_s, half the heads: parameters {heads['params_ratio']:.3f}×, SQNR "
+        f"{heads['sqnr_db']:.1f} dB, batch 8 latency {ms['dense']:.3f} → {ms['pruned']:.3f} ms "
+        f"({ms['speedup']:.2f}×)."
+    )
 
 
 def speed(results: dict) -> None:
@@ -68,7 +78,9 @@ def speed(results: dict) -> None:
     print("|---|---|---|---|---|")
     for name, row in results.items():
         passes = ", ".join(f"{k} {v:.2f} s" for k, v in row["pass_seconds"].items())
-        print(f"| {name} | {row['wall_s']:.2f} s | {row['spread']:.2f} | {row['peak_mb']:.0f} MB | {passes} |")
+        print(
+            f"| {name} | {row['wall_s']:.2f} s | {row['spread']:.2f} | {row['peak_mb']:.0f} MB | {passes} |"
+        )
 
 
 def main() -> None:

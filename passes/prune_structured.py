@@ -12,8 +12,9 @@ weights, matches.
 
 kind=head removes attention heads (polaris_opt.pruning.heads) instead.
 
-correct=true re-fits, on the calibration data, the per-channel scale and bias (or BatchNorm
-statistics) of every layer whose inputs lost channels (polaris_opt.pruning.correction), against the dense model.
+correct=true re-fits every layer whose inputs lost channels against the dense model, on the
+calibration data: its per-channel scale and bias, or the BatchNorm statistics after it
+(polaris_opt.pruning.correction).
 
 Run after `cleanup`: weights in Constant nodes and BatchNormalizations that could fold would
 otherwise hide layers from the groups.
