@@ -18,6 +18,7 @@ demo: $(STAMP)
 	@mkdir -p build
 	$(CLI) quantize models/resnet_s.onnx --int8 --calib models/resnet_s.calib.npz --method mse --bias-correction -o build/resnet_s.int8.onnx
 	$(CLI) inspect build/resnet_s.int8.onnx --top 8
+	$(CLI) prune models/resnet_s.onnx --structured channel --sparsity 0.5 --correct --calib models/resnet_s.calib.npz -o build/resnet_s.pruned.onnx
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -25,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_foundation.py
 	$(PY) benchmarks/bench_quantize.py
+	$(PY) benchmarks/bench_prune.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
