@@ -9,7 +9,7 @@ issue's absolute targets for how long pruning itself takes.
   model, 1 thread, interleaved), digits_cnn at 25 % channels with and without --correct, head
   pruning of transformer_s;
 - speed: SparseGPT on one 4096×4096 MatMul with 128 calibration rows, and magnitude pruning of
-  models/large/mlp_large.onnx (134 MB), each end to end in a fresh process.
+  the 134 MB MLP of `build_zoo.py --large`, each end to end in a fresh process.
 
     .venv/bin/python benchmarks/bench_prune.py [--runs 3] [--only quality,structured,speed]
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from bench_foundation import build_large
 from bench_quantize import batches, calib_path, eval_data, latency
 from common import OUT, ROOT, interleave, machine, median, spread, write_json
 
@@ -221,7 +222,8 @@ def prune_body(model: Path, out: Path, pipeline: str, calib: Path | None) -> str
 def bench_speed(tmp: Path, runs: int) -> dict:
     matmul = tmp / "matmul4096.onnx"
     big_matmul_model(matmul)
-    large = MODELS / "large" / "mlp_large.onnx"
+    # Built by models/build_zoo.py --large (134 MB, not committed) when not there yet.
+    large = build_large(OUT / "large" / "large_mlp.onnx")
     contenders = {
         "sparsegpt_4096": prune_body(
             matmul,
