@@ -3,8 +3,9 @@ equal sparsity, the dense model on ONNX Runtime for the speed of structured prun
 issue's absolute targets for how long pruning itself takes.
 
 - quality: output SQNR against the dense model on held-out data (top-1 on the digits test set),
-  for magnitude, Wanda and SparseGPT × 50/70/90 % × unstructured / 2:4 / 4:8 / block:4x4, on
-  every zoo model, no retraining; calibration from the zoo's calibration sets;
+  for magnitude, Wanda and SparseGPT (layer by layer and one-shot) × 50/70/90 % × unstructured /
+  2:4 / 4:8 / block:4x4, on every zoo model, no retraining; calibration from the zoo's
+  calibration sets;
 - structured: 50 % channel pruning of resnet_s (parameters, ORT CPU latency against the dense
   model, 1 thread, interleaved), digits_cnn at 25 % channels with and without --correct, head
   pruning of transformer_s;
@@ -32,7 +33,14 @@ from common import OUT, ROOT, interleave, machine, median, spread, write_json
 sys.path.insert(0, str(ROOT))
 MODELS = ROOT / "models"
 ZOO = ["digits_mlp", "digits_cnn", "resnet_s", "mobilenetv2_s", "transformer_s"]
-METHODS = ["magnitude", "wanda", "sparsegpt"]
+# (column, prune options): the data-driven methods layer by layer (the default) and one-shot.
+METHODS = {
+    "magnitude": "method=magnitude",
+    "wanda": "method=wanda",
+    "wanda one-shot": "method=wanda,sequential=false",
+    "sparsegpt": "method=sparsegpt",
+    "sparsegpt one-shot": "method=sparsegpt,sequential=false",
+}
 # (pattern, sparsities): N:M fixes its own sparsity.
 PATTERNS = [
     ("unstructured", [0.5, 0.7, 0.9]),
@@ -111,8 +119,8 @@ def bench_quality() -> dict:
             for sparsity in sparsities:
                 key = f"{pattern}@{sparsity:.0%}"
                 table[name][key] = {}
-                for method in METHODS:
-                    step = f"prune{{sparsity={sparsity},method={method},pattern={pattern}}}"
+                for method, options in METHODS.items():
+                    step = f"prune{{sparsity={sparsity},{options},pattern={pattern}}}"
                     started = time.perf_counter()
                     pruned, reports = run(name, f"cleanup,{step}", source)
                     row = fidelity(dense, pruned, feeds, labels)

@@ -9,12 +9,12 @@ import json
 
 from common import OUT
 
-METHODS = ["magnitude", "wanda", "sparsegpt"]
+METHODS = ["magnitude", "wanda", "wanda one-shot", "sparsegpt", "sparsegpt one-shot"]
 
 
 def quality(table: dict) -> None:
-    print("| model | pattern @ sparsity | magnitude | Wanda | SparseGPT |")
-    print("|---|---|---|---|---|")
+    print("| model | pattern @ sparsity | " + " | ".join(METHODS) + " |")
+    print("|---|---|" + "---|" * len(METHODS))
     for name, rows in table.items():
         dense = rows["dense"]
         for key, by_method in rows.items():

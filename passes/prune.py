@@ -16,7 +16,23 @@ each output, from calibration data) or sparsegpt (prunes and updates the remaini
 layer to make up for the pruned ones, from XᵀX of its input). A layer whose input statistics
 cannot be collected (inside If/Loop, ConvTranspose) falls back to magnitude, and its row says so.
 scope=global shares one budget across layers (polaris_opt.pruning.allocation), no layer beyond
-max-layer-sparsity; for wanda and sparsegpt the shared ranking uses wanda's scores.
+max-layer-sparsity; for wanda and sparsegpt the shared ranking uses wanda's scores, always from
+the dense model, so the budget is decided once.
+
+wanda and sparsegpt prune sequentially by default, as the SparseGPT paper does (Frantar &
+Alistarh 2023, §3): layers go in rounds (polaris_opt.pruning.targets.layer_rounds: a layer
+comes one round after the latest layer upstream of it), and the statistics of a round are taken,
+in one streaming pass, from the model whose earlier rounds are already pruned, so each layer is
+pruned for the inputs it will see rather than for the dense ones. sparsegpt goes one step
+further and makes up for the error upstream: before pruning a layer it re-fits the layer's
+weights so that, from those inputs, they give the dense model's layer output (damped least
+squares from X_refᵀX, polaris_opt.pruning.activations.fit_to_reference; the dense model runs
+beside the pruned one in the same pass). Measured on the held-out sets at 50 % that lifts output
+SQNR from 20.0 to 23.3 dB on digits_mlp and from 10.4 to 18.6 dB on digits_cnn; fitting to the
+pruned inputs alone gained 0.1-0.4 dB. wanda changes no weight, so it only ranks by the norms
+of those inputs. Sequential pruning costs one pass over the calibration data per round (plus one
+over the dense model for scope=global, which wanda's first round reuses) instead of one in all;
+sequential=false takes every layer's statistics from the dense model in a single pass.
 
 Weights keep their dtype, and a weight shared by several layers is pruned once, so every reader
 sees the same zeros. With correct=true each pruned layer's per-channel scale and bias (or the
@@ -39,7 +55,7 @@ from polaris_opt.export import to_model
 from polaris_opt.passes_api import Pass, PassContext, PassResult
 from polaris_opt.pruning.allocation import global_sparsities
 from polaris_opt.pruning.patterns import Pattern, block_scores, select
-from polaris_opt.pruning.targets import PruneTarget, find_targets
+from polaris_opt.pruning.targets import PruneTarget, find_targets, target_rounds
 from polaris_opt.surgery import Names
 
 CALIB_HINT = "give --calib DATA (a .npz, a folder, or 'random')"
@@ -62,7 +78,13 @@ class PruneScope(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Prune(Pass):
-    """Conv/Gemm/MatMul weights  ⇒  the same weights with the least important set to zero."""
+    """Conv/Gemm/MatMul weights  ⇒  the same weights with the least important set to zero.
+
+    With `sequential` (the default; wanda and sparsegpt only) the layers are pruned round by
+    round, each round's input statistics taken from the model with the rounds before it
+    already pruned (sparsegpt also re-fits each layer to the dense model's outputs first);
+    sequential=false takes them all from the dense model in one pass.
+    """
 
     name: ClassVar[str] = "prune"
     lossy: ClassVar[bool] = True
@@ -106,6 +128,14 @@ class Prune(Pass):
         default=0.01, metadata={"help": "sparsegpt: fraction of mean(diag XᵀX) added to its diagonal"}
     )
     block_size: int = field(default=128, metadata={"help": "sparsegpt: columns solved together"})
+    sequential: bool = field(
+        default=True,
+        metadata={
+            "help": "wanda/sparsegpt: prune layer by layer, each for the inputs the layers before it "
+            "(already pruned) give it, sparsegpt re-fitting it to the dense outputs first; one "
+            "calibration pass per round instead of one in all"
+        },
+    )
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         pattern = self._check_options(ctx)
@@ -116,15 +146,12 @@ class Prune(Pass):
         _name_unnamed_readers(graph, targets)
         needs_dense = bool(targets) and (self.correct or self.method is not PruneMethod.MAGNITUDE)
         dense = to_model(graph) if needs_dense else None
-        statistics = self._statistics(dense, targets, ctx)
-        sparsities = self._layer_sparsities(targets, statistics, pattern)
-        rows, pruned = [], []
-        with ctx.progress(f"pruning ({self.method.value}, {pattern.text()})", len(targets)) as advance:
-            for target, sparsity in zip(targets, sparsities, strict=True):
-                row, changed = self._prune(target, pattern, sparsity, statistics.get(target.name))
-                rows.append(row)
-                pruned += [target] if changed else []
-                advance(1)
+        if self.sequential and self.method is not PruneMethod.MAGNITUDE and targets:
+            outcomes = self._prune_sequentially(graph, targets, pattern, dense, ctx)
+        else:
+            outcomes = self._prune_at_once(targets, pattern, dense, ctx)
+        rows = [row for row, _ in outcomes]
+        pruned = [target for target, (_, changed) in zip(targets, outcomes, strict=True) if changed]
         details: dict[str, Any] = {"layers": rows, "skipped": skipped}
         if self.correct and pruned:
             details["correction"] = _correct(dense, graph, pruned, rows, ctx)
@@ -159,32 +186,100 @@ class Prune(Pass):
             raise BadInput(f"prune: --correct needs calibration data: {CALIB_HINT}")
         return pattern
 
+    # --------------------------------------------------------------------------- orders
+
+    def _prune_at_once(
+        self, targets: list[PruneTarget], pattern: Pattern, dense: onnx.ModelProto | None, ctx: PassContext
+    ) -> list[tuple[dict, bool]]:
+        """Every layer from the dense model's statistics (one pass): (row, changed) per target."""
+        statistics = self._statistics(dense, targets, ctx)
+        sparsities = self._layer_sparsities(targets, statistics, pattern)
+        outcomes = []
+        with ctx.progress(f"pruning ({self.method.value}, {pattern.text()})", len(targets)) as advance:
+            for target, sparsity in zip(targets, sparsities, strict=True):
+                outcomes.append(self._prune(target, pattern, sparsity, statistics.get(target.name), ctx))
+                advance(1)
+        return outcomes
+
+    def _prune_sequentially(
+        self,
+        graph: gs.Graph,
+        targets: list[PruneTarget],
+        pattern: Pattern,
+        dense: onnx.ModelProto,
+        ctx: PassContext,
+    ) -> list[tuple[dict, bool]]:
+        """Round by round, each round from the statistics of the graph pruned so far."""
+        rounds = target_rounds(graph, targets)
+        allocation = self._allocation_statistics(dense, targets, pattern, ctx)
+        sparsities = self._layer_sparsities(targets, allocation, pattern)
+        outcomes: dict[int, tuple[dict, bool]] = {}  # by position in `targets`
+        with ctx.progress("pruning layer by layer", max(rounds) + 1) as advance:
+            for number in range(max(rounds) + 1):
+                members = [index for index, r in enumerate(rounds) if r == number]
+                statistics = self._round_statistics(
+                    number, graph, dense, [targets[i] for i in members], allocation, ctx
+                )
+                for i in members:
+                    stats = statistics.get(targets[i].name)
+                    outcomes[i] = self._prune(targets[i], pattern, sparsities[i], stats, ctx)
+                advance(1)
+        return [outcomes[i] for i in range(len(targets))]
+
     # ------------------------------------------------------------------------ statistics
 
     def _statistics(
-        self, dense: onnx.ModelProto | None, targets: list[PruneTarget], ctx: PassContext
+        self,
+        model: onnx.ModelProto | None,
+        targets: list[PruneTarget],
+        ctx: PassContext,
+        diagonal_only: bool | None = None,
+        reference: onnx.ModelProto | None = None,
     ) -> dict:
-        """Input statistics per target name for wanda/sparsegpt; {} for magnitude."""
+        """Input statistics of `targets` in `model` by target name: XᵀX for sparsegpt, its diagonal
+        for wanda (or as `diagonal_only` says), and X_refᵀX with a `reference`; {} for magnitude."""
         if self.method is PruneMethod.MAGNITUDE or not targets:
             return {}
         from polaris_opt.pruning.activations import layer_statistics
 
-        statistics = layer_statistics(
-            dense,
+        return layer_statistics(
+            model,
             targets,
             ctx.calib,
-            diagonal_only=self.method is PruneMethod.WANDA,
+            reference=reference,
+            diagonal_only=self.method is PruneMethod.WANDA if diagonal_only is None else diagonal_only,
             threads=ctx.threads,
             progress=ctx.progress,
         )
-        for target in targets:
-            if target.name not in statistics:
-                ctx.log.warning(
-                    "prune: no calibration statistics for '%s' (%s); pruned by magnitude",
-                    target.node.name,
-                    target.op,
-                )
-        return statistics
+
+    def _allocation_statistics(
+        self, dense: onnx.ModelProto, targets: list[PruneTarget], pattern: Pattern, ctx: PassContext
+    ) -> dict:
+        """Sequential scope=global: the dense model's column norms, which rank the layers against
+        each other once, before anything is pruned; {} where no allocation is made."""
+        if self.scope is PruneScope.LOCAL or pattern.kind == "nm":
+            return {}
+        return self._statistics(dense, targets, ctx, diagonal_only=True)
+
+    def _round_statistics(
+        self,
+        number: int,
+        graph: gs.Graph,
+        dense: onnx.ModelProto,
+        members: list[PruneTarget],
+        allocation: dict,
+        ctx: PassContext,
+    ) -> dict:
+        """The statistics round `number` prunes `members` from: those of the graph pruned so far,
+        for sparsegpt against the dense model's (X_refᵀX), to fit each layer to the dense outputs."""
+        if number > 0:
+            reference = dense if self.method is PruneMethod.SPARSEGPT else None
+            return self._statistics(to_model(graph), members, ctx, reference=reference)
+        # Nothing is pruned yet: round 0 reads the dense model, whose column norms wanda already
+        # has when the allocation collected them.
+        if allocation and self.method is PruneMethod.WANDA:
+            return allocation
+        return self._statistics(dense, members, ctx)
 
     def _method_for(self, stats) -> PruneMethod:
         """The method a layer is pruned with: magnitude where its statistics are missing."""
@@ -210,15 +305,26 @@ class Prune(Pass):
 
     # --------------------------------------------------------------------------- pruning
 
-    def _prune(self, target: PruneTarget, pattern: Pattern, sparsity: float, stats) -> tuple[dict, bool]:
+    def _prune(
+        self, target: PruneTarget, pattern: Pattern, sparsity: float, stats, ctx: PassContext
+    ) -> tuple[dict, bool]:
         """Prune one weight in place; returns its details row and whether its values changed."""
         matrix = target.matrix()
         nonzeros_before = int(np.count_nonzero(matrix))
         method = self._method_for(stats)
+        if method is not self.method:
+            ctx.log.warning(
+                "prune: no calibration statistics for '%s' (%s); pruned by magnitude",
+                target.node.name,
+                target.op,
+            )
         if method is PruneMethod.SPARSEGPT:
+            from polaris_opt.pruning.activations import fit_to_reference
             from polaris_opt.pruning.sparsegpt import sparsegpt
 
             work = matrix.astype(np.float32) if matrix.dtype == np.float16 else matrix
+            if stats.cross is not None:  # sequential: first make up for the layers pruned upstream
+                work = fit_to_reference(work, stats, self.damp)
             result = sparsegpt(
                 work, stats.hessian, pattern, sparsity, block_size=self.block_size, damp=self.damp
             )

@@ -1,9 +1,11 @@
 """prune: the pruned weights against NumPy references, outputs through ONNX Runtime, every pattern
 on every layer kind, scope=global against local, shared and transposed weights, float16, the
-zoo models, exclusion, data-driven methods and correction, and the bad inputs."""
+zoo models, exclusion, data-driven methods (sequential, in rounds, and from the dense model in
+one pass) and correction, and the bad inputs."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import export_like
@@ -20,10 +22,13 @@ from polaris_opt.fidelity import compare_models, overall
 from polaris_opt.inspect import summarize
 from polaris_opt.numerics import make_session, run_model
 from polaris_opt.passes.prune import Prune
-from polaris_opt.passes_api import PassContext
+from polaris_opt.passes_api import PassContext, Progress
 from polaris_opt.pipeline import Pipeline
+from polaris_opt.pruning.activations import layer_statistics
 from polaris_opt.pruning.patterns import Pattern, select
-from polaris_opt.pruning.targets import to_matrix
+from polaris_opt.pruning.sparsegpt import sparsegpt
+from polaris_opt.pruning.targets import find_targets, target_rounds, to_matrix
+from polaris_opt.pruning.wanda import wanda_scores
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
@@ -412,9 +417,10 @@ def digits_mlp_calibration() -> ListSource:
     return zoo_source("digits_mlp", 256, 64)
 
 
-def digits_test_batches() -> list[dict[str, np.ndarray]]:
+def digits_test_batches(name: str = "digits_mlp") -> list[dict[str, np.ndarray]]:
+    """The held-out digits test set (450 rows) shaped for zoo model `name`."""
     with np.load(MODELS / "digits_test.npz") as archive:
-        x = archive["x_mlp"]
+        x = archive["x_mlp" if name == "digits_mlp" else "x_cnn"]
     return [{"input": x[i : i + 150]} for i in range(0, len(x), 150)]
 
 
@@ -440,14 +446,14 @@ def test_wanda_compares_weights_within_each_output_row():
         assert per_row.max() - per_row.min() <= 1  # floor or ceil of each row's share
 
 
+@pytest.mark.parametrize("sequential", ["true", "false"])
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 @pytest.mark.parametrize(("pattern", "sparsity"), [("unstructured", 0.7), ("2:4", 0.5), ("block:4x4", 0.5)])
-def test_every_pattern_works_with_every_data_driven_method(method, pattern, sparsity):
+def test_every_pattern_works_with_every_data_driven_method(method, pattern, sparsity, sequential):
     model, feeds = zoo("digits_cnn")
     calib = zoo_source("digits_cnn", 64, 32)
-    out, stats, details = prune(
-        model, f"cleanup,prune{{sparsity={sparsity},method={method},pattern={pattern}}}", calib=calib
-    )
+    options = f"sparsity={sparsity},method={method},pattern={pattern},sequential={sequential}"
+    out, stats, details = prune(model, f"cleanup,prune{{{options}}}", calib=calib)
     assert {row["method"] for row in details["layers"]} == {method}
     assert all(np.isfinite(v).all() for v in run_model(out, feeds).values())
     views = matrices(out, details["layers"])
@@ -496,6 +502,148 @@ def test_a_layer_without_statistics_falls_back_to_magnitude_and_says_so(method):
     np.testing.assert_array_equal(
         to_matrix(to_graph(out).nodes[1], weights(out)["w2"]), np.where(keep, view, 0)
     )
+
+
+# --------------------------------------------------------------------------- sequential
+
+BRANCHES = """
+  g (float[N,8] x) => (float[N,4] y) <float[8,6] a, float[8,6] b, float[6,4] c> {
+    [left] p = MatMul(x, a)
+    [right] q = MatMul(x, b)
+    s = Add(p, q)
+    r = Relu(s)
+    [join] y = MatMul(r, c) }"""
+
+
+def branches() -> tuple[onnx.ModelProto, ListSource]:
+    """Two parallel layers (round 0) and the layer that joins them (round 1), with 3 calibration batches."""
+    model = parse(BRANCHES, a=floats(8, 6), b=floats(8, 6), c=floats(6, 4))
+    return model, ListSource([{"x": floats(16, 8)} for _ in range(3)])
+
+
+def recorder(seen: list) -> Progress:
+    """A progress callback that notes [description, total, advanced] for every bar opened."""
+
+    @contextmanager
+    def progress(description, total):
+        seen.append([description, total, 0])
+        bar = seen[-1]
+        yield lambda n=1: bar.__setitem__(2, bar[2] + n)
+
+    return progress
+
+
+@pytest.mark.parametrize(
+    ("method", "scope", "sequential", "passes"),
+    [
+        ("sparsegpt", "local", True, 2),
+        ("wanda", "local", True, 2),
+        ("sparsegpt", "global", True, 3),  # the dense model ranks the layers first ...
+        ("wanda", "global", True, 2),  # ... and wanda's first round reuses those norms
+        ("sparsegpt", "local", False, 1),
+        ("wanda", "global", False, 1),
+    ],
+)
+def test_two_parallel_branches_and_a_join_take_one_statistics_pass_per_round(
+    method, scope, sequential, passes
+):
+    model, calib = branches()
+    graph = to_graph(model)
+    targets, _ = find_targets(graph)
+    assert [t.node.name for t in targets] == ["left", "right", "join"]
+    assert target_rounds(graph, targets) == [0, 0, 1]
+    seen = []
+    text = f"prune{{method={method},scope={scope},sequential={str(sequential).lower()}}}"
+    run_pipeline(model, Pipeline.parse(text), ctx=PassContext(calib=calib, progress=recorder(seen)))
+    assert [bar for bar in seen if bar[0] == "collecting layer statistics"] == [
+        ["collecting layer statistics", 3, 3]
+    ] * passes
+    assert (["pruning layer by layer", 2, 2] in seen) == sequential
+
+
+def test_sequential_sparsegpt_fits_the_join_to_the_dense_outputs_from_the_pruned_branches():
+    model, calib = branches()
+    out, _, details = prune(model, "prune{sparsity=0.5,method=sparsegpt}", calib=calib)
+    dense, pruned = weights(model), weights(out)
+    x = np.concatenate([b["x"] for b in calib.batches()]).astype(np.float64)
+    # Round 0 reads the graph input, the same in both models: plain SparseGPT from XᵀX.
+    for name in ("a", "b"):
+        expected = sparsegpt(dense[name].T, (x.T @ x)[None], Pattern("unstructured"), 0.5)
+        np.testing.assert_allclose(pruned[name], expected.T, rtol=1e-5, atol=1e-6)
+    # Round 1: the join's inputs come from the pruned branches; its weights first map them to the
+    # dense outputs (damped least squares), then SparseGPT prunes them on the pruned inputs' XᵀX.
+    inputs = np.maximum(x @ pruned["a"] + x @ pruned["b"], 0)
+    dense_inputs = np.maximum(x @ dense["a"] + x @ dense["b"], 0)
+    hessian = inputs.T @ inputs
+    lam = 0.01 * np.mean(np.diag(hessian))
+    view = dense["c"].T.astype(np.float64)  # [4 outputs, 6 inputs]
+    lhs = np.vstack([inputs, np.sqrt(lam) * np.eye(6)])
+    rhs = np.vstack([dense_inputs @ view.T, np.sqrt(lam) * view.T])
+    fitted = np.linalg.lstsq(lhs, rhs, rcond=None)[0].T
+    expected = sparsegpt(fitted, hessian[None], Pattern("unstructured"), 0.5)
+    np.testing.assert_allclose(pruned["c"], expected.T, rtol=1e-4, atol=1e-5)
+    assert [row["method"] for row in details["layers"]] == ["sparsegpt"] * 3
+
+
+@pytest.mark.parametrize("name", ["digits_mlp", "digits_cnn"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.7])
+def test_sequential_sparsegpt_beats_one_shot_from_dense_on_the_held_out_digits(name, sparsity):
+    model, _ = zoo(name)
+    calib = zoo_source(name, 256, 64)
+    batches = digits_test_batches(name)
+    sqnr = {}
+    for sequential in ("true", "false"):
+        text = f"cleanup,prune{{sparsity={sparsity},method=sparsegpt,sequential={sequential}}}"
+        out, stats, details = prune(model, text, calib=calib)
+        pruned = stats["params"] - stats["nonzeros_after"]
+        assert pruned == sum(round(sparsity * row["params"]) for row in details["layers"])
+        sqnr[sequential] = output_sqnr(model, out, batches)
+    assert sqnr["true"] > sqnr["false"] + 0.5, sqnr
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_sequential_false_prunes_every_layer_from_the_dense_statistics(method):
+    dense, _ = zoo("digits_cnn")
+    model = run_pipeline(dense, Pipeline.parse("cleanup"), ctx=PassContext()).model
+    calib = zoo_source("digits_cnn", 64, 32)
+    targets, _ = find_targets(to_graph(model))
+    statistics = layer_statistics(model, targets, calib, diagonal_only=method == "wanda")
+    views = {}
+    for sequential in ("false", "true"):
+        out, _, details = prune(
+            model, f"prune{{sparsity=0.6,method={method},sequential={sequential}}}", calib
+        )
+        views[sequential] = matrices(out, details["layers"])
+    for target in targets:
+        view, stats = target.matrix(), statistics[target.name]
+        if method == "sparsegpt":
+            expected = sparsegpt(view, stats.hessian, Pattern("unstructured"), 0.6)
+        else:
+            keep = select(wanda_scores(view, stats.sq_norms), Pattern("unstructured"), 0.6, per_row=True)
+            expected = np.where(keep, view, 0)
+        np.testing.assert_array_equal(views["false"][target.name], expected)
+    # Sequentially only the first layer, which reads the graph input, sees the same statistics.
+    first, *later = [target.name for target in targets]
+    np.testing.assert_array_equal(views["true"][first], views["false"][first])
+    assert all(not np.array_equal(views["true"][name], views["false"][name]) for name in later)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_sequential_global_allocation_is_decided_once_from_the_dense_model(method):
+    model, _ = zoo("digits_mlp")
+    kept = {}
+    for sequential in ("true", "false"):
+        text = f"prune{{sparsity=0.7,method={method},scope=global,sequential={sequential}}}"
+        _, stats, details = prune(model, text, calib=digits_mlp_calibration())
+        assert stats["params"] - stats["nonzeros_after"] == round(0.7 * stats["params"])
+        kept[sequential] = [row["nonzeros_after"] for row in details["layers"]]
+    assert kept["true"] == kept["false"]
+
+
+def test_sequential_is_an_option_of_the_pipeline_text():
+    text = "prune{method=sparsegpt,sequential=false}"
+    assert Pipeline.parse(text).text() == text
+    assert Pipeline.parse("prune{method=wanda}").passes()[0][1].sequential is True
 
 
 def test_correct_merges_the_correction_rows_into_the_layer_rows():

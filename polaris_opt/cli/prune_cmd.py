@@ -88,6 +88,15 @@ SkipEndsFlag = Annotated[
         "--skip-first-last", rich_help_panel=WHAT, help="Keep the first and the last prunable layer dense."
     ),
 ]
+OneShotFlag = Annotated[
+    bool,
+    typer.Option(
+        "--one-shot",
+        rich_help_panel=WHAT,
+        help="wanda/sparsegpt: take every layer's statistics from the dense model in one pass, "
+        "instead of layer by layer from the model pruned so far (the default).",
+    ),
+]
 StructuredOpt = Annotated[
     str | None,
     typer.Option(
@@ -147,6 +156,7 @@ def prune(
     pattern: PatternOpt = "unstructured",
     exclude: ExcludeOpt = None,
     skip_first_last: SkipEndsFlag = False,
+    one_shot: OneShotFlag = False,
     structured: StructuredOpt = None,
     importance: ImportanceOpt = "l2",
     correct: CorrectFlag = False,
@@ -185,6 +195,7 @@ def prune(
         max_layer_sparsity=max_layer_sparsity,
         exclude=tuple(exclude or ()),
         skip_first_last=skip_first_last,
+        sequential=not one_shot,
         structured=structured,
         importance=importance,
         correct=correct,

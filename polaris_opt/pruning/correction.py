@@ -72,6 +72,7 @@ from polaris_opt.export import to_model
 from polaris_opt.fidelity import sqnr_from_energies
 from polaris_opt.layer_bias import bias_add, channels_last, conv_bias, gemm_bias, set_bias
 from polaris_opt.passes_api import Progress, no_progress
+from polaris_opt.pruning.targets import layer_rounds as correction_rounds
 from polaris_opt.surgery import (
     Names,
     constant_value,
@@ -79,8 +80,6 @@ from polaris_opt.surgery import (
     is_graph_output,
     is_standard_domain,
     iter_graphs,
-    node_reads,
-    producer,
 )
 
 if TYPE_CHECKING:
@@ -355,23 +354,6 @@ def _batchnorm_reader(output: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
     if any(p is None or p.dtype != np.float32 or p.ndim != 1 for p in parameters):
         return None
     return bn
-
-
-def correction_rounds(graph: gs.Graph, nodes: list[gs.Node]) -> list[int]:
-    """The round of each of `nodes` (in a topologically sorted `graph`): 0 when none of `nodes` is
-    upstream of it, else one more than the latest round upstream. Nodes of one round have no
-    path between them, so one capture of the graph serves them all."""
-    wanted = {id(node): index for index, node in enumerate(nodes)}
-    latest: dict[int, int] = {}  # node -> latest round of `nodes` at or upstream of it (-1: none)
-    rounds = [0] * len(nodes)
-    for node in graph.nodes:
-        writers = (producer(tensor) for tensor in node_reads(node))
-        upstream = max((latest.get(id(w), -1) for w in writers if w is not None), default=-1)
-        if id(node) in wanted:
-            upstream += 1
-            rounds[wanted[id(node)]] = upstream
-        latest[id(node)] = upstream
-    return rounds
 
 
 # -------------------------------------------------------------------------------- re-fitting

@@ -16,6 +16,11 @@ A weight reaches its op as a constant after clean-up (fold-constants turns Trans
 and Cast of an initializer into an initializer). One initializer read by several layers is one
 target, pruned once: its view is its first reader's, and the other readers are listed so
 data-driven methods can add up what each of them sees.
+
+Layers that feed each other are processed in rounds (`layer_rounds`): a layer's round is one more
+than the latest round of the listed layers upstream of it, so the layers of one round have no
+path between them, and one capture of the model (one ONNX Runtime session) serves them all.
+Sequential pruning and the --correct re-fit both work round by round.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from polaris_opt.surgery import constant_value, is_standard_domain
+from polaris_opt.surgery import constant_value, is_standard_domain, node_reads, producer
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
@@ -160,3 +165,30 @@ def find_targets(
                 skipped.append({"name": target.node.name, "reason": reason})
         ordered = [t for t in ordered if t.name not in ends]
     return ordered, skipped
+
+
+def layer_rounds(graph: gs.Graph, nodes: list[gs.Node]) -> list[int]:
+    """The round of each of `nodes` (in a topologically sorted `graph`): 0 when none of `nodes` is
+    upstream of it, else one more than the latest round upstream. Nodes of one round have no
+    path between them, so one capture of the graph serves them all."""
+    wanted = {id(node): index for index, node in enumerate(nodes)}
+    latest: dict[int, int] = {}  # node -> latest round of `nodes` at or upstream of it (-1: none)
+    rounds = [0] * len(nodes)
+    for node in graph.nodes:
+        writers = (producer(tensor) for tensor in node_reads(node))
+        upstream = max((latest.get(id(w), -1) for w in writers if w is not None), default=-1)
+        if id(node) in wanted:
+            upstream += 1
+            rounds[wanted[id(node)]] = upstream
+        latest[id(node)] = upstream
+    return rounds
+
+
+def target_rounds(graph: gs.Graph, targets: list[PruneTarget]) -> list[int]:
+    """`layer_rounds` of each target: the latest round of its readers, so that every reader's
+    upstream layers come first. A weight read both upstream and downstream of another target is
+    the rare exception: that other target may come in the same or an earlier round (its
+    statistics then see this weight dense)."""
+    readers = [node for target in targets for node in target.nodes]
+    by_reader = iter(layer_rounds(graph, readers))
+    return [max(next(by_reader) for _ in target.nodes) for target in targets]
