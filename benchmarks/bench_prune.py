@@ -33,11 +33,10 @@ from common import OUT, ROOT, interleave, machine, median, spread, write_json
 sys.path.insert(0, str(ROOT))
 MODELS = ROOT / "models"
 ZOO = ["digits_mlp", "digits_cnn", "resnet_s", "mobilenetv2_s", "transformer_s"]
-# (column, prune options): the data-driven methods layer by layer (the default) and one-shot.
+# (column, prune options): sparsegpt layer by layer (the default) and one-shot.
 METHODS = {
     "magnitude": "method=magnitude",
     "wanda": "method=wanda",
-    "wanda one-shot": "method=wanda,sequential=false",
     "sparsegpt": "method=sparsegpt",
     "sparsegpt one-shot": "method=sparsegpt,sequential=false",
 }

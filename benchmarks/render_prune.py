@@ -9,7 +9,7 @@ import json
 
 from common import OUT
 
-METHODS = ["magnitude", "wanda", "wanda one-shot", "sparsegpt", "sparsegpt one-shot"]
+METHODS = ["magnitude", "wanda", "sparsegpt", "sparsegpt one-shot"]
 
 
 def quality(table: dict) -> None:

@@ -19,8 +19,8 @@ scope=global shares one budget across layers (polaris_opt.pruning.allocation), n
 max-layer-sparsity; for wanda and sparsegpt the shared ranking uses wanda's scores, always from
 the dense model, so the budget is decided once.
 
-wanda and sparsegpt prune sequentially by default, as the SparseGPT paper does (Frantar &
-Alistarh 2023, §3): layers go in rounds (polaris_opt.pruning.targets.layer_rounds: a layer
+sparsegpt prunes sequentially by default, as its paper does (Frantar & Alistarh 2023, §3):
+layers go in rounds (polaris_opt.pruning.targets.layer_rounds: a layer
 comes one round after the latest layer upstream of it), and the statistics of a round are taken,
 in one streaming pass, from the model whose earlier rounds are already pruned, so each layer is
 pruned for the inputs it will see rather than for the dense ones. sparsegpt goes one step
@@ -29,10 +29,14 @@ weights so that, from those inputs, they give the dense model's layer output (da
 squares from X_refᵀX, polaris_opt.pruning.activations.fit_to_reference; the dense model runs
 beside the pruned one in the same pass). Measured on the held-out sets at 50 % that lifts output
 SQNR from 20.0 to 23.3 dB on digits_mlp and from 10.4 to 18.6 dB on digits_cnn; fitting to the
-pruned inputs alone gained 0.1-0.4 dB. wanda changes no weight, so it only ranks by the norms
-of those inputs. Sequential pruning costs one pass over the calibration data per round (plus one
-over the dense model for scope=global, which wanda's first round reuses) instead of one in all;
+pruned inputs alone gained 0.1-0.4 dB. Sequential pruning costs one pass over the calibration
+data per round (plus one over the dense model for scope=global) instead of one in all;
 sequential=false takes every layer's statistics from the dense model in a single pass.
+
+wanda always reads the dense model's statistics, in one pass. It changes no weight, so layer by
+layer it could only re-rank by the norms of the pruned inputs, and on the zoo that was worse:
+it beat magnitude in 25 of 40 (model, pattern, sparsity) cells that way against 33 of 40 from
+the dense model (benchmarks/bench_prune.py, docs/BENCHMARKS.md).
 
 Weights keep their dtype, and a weight shared by several layers is pruned once, so every reader
 sees the same zeros. With correct=true each pruned layer's per-channel scale and bias (or the
@@ -80,10 +84,10 @@ class PruneScope(str, enum.Enum):
 class Prune(Pass):
     """Conv/Gemm/MatMul weights  ⇒  the same weights with the least important set to zero.
 
-    With `sequential` (the default; wanda and sparsegpt only) the layers are pruned round by
-    round, each round's input statistics taken from the model with the rounds before it
-    already pruned (sparsegpt also re-fits each layer to the dense model's outputs first);
-    sequential=false takes them all from the dense model in one pass.
+    With `sequential` (the default; sparsegpt only) the layers are pruned round by round, each
+    round's input statistics taken from the model with the rounds before it already pruned, and
+    each layer is first re-fitted to the dense model's outputs; sequential=false takes them all
+    from the dense model in one pass.
     """
 
     name: ClassVar[str] = "prune"
@@ -131,9 +135,9 @@ class Prune(Pass):
     sequential: bool = field(
         default=True,
         metadata={
-            "help": "wanda/sparsegpt: prune layer by layer, each for the inputs the layers before it "
-            "(already pruned) give it, sparsegpt re-fitting it to the dense outputs first; one "
-            "calibration pass per round instead of one in all"
+            "help": "sparsegpt: prune layer by layer, each re-fitted to the dense outputs from the "
+            "inputs the layers before it (already pruned) give it; one calibration pass per round "
+            "instead of one in all"
         },
     )
 
@@ -146,7 +150,7 @@ class Prune(Pass):
         _name_unnamed_readers(graph, targets)
         needs_dense = bool(targets) and (self.correct or self.method is not PruneMethod.MAGNITUDE)
         dense = to_model(graph) if needs_dense else None
-        if self.sequential and self.method is not PruneMethod.MAGNITUDE and targets:
+        if self.sequential and self.method is PruneMethod.SPARSEGPT and targets:
             outcomes = self._prune_sequentially(graph, targets, pattern, dense, ctx)
         else:
             outcomes = self._prune_at_once(targets, pattern, dense, ctx)
@@ -273,13 +277,8 @@ class Prune(Pass):
         """The statistics round `number` prunes `members` from: those of the graph pruned so far,
         for sparsegpt against the dense model's (X_refᵀX), to fit each layer to the dense outputs."""
         if number > 0:
-            reference = dense if self.method is PruneMethod.SPARSEGPT else None
-            return self._statistics(to_model(graph), members, ctx, reference=reference)
-        # Nothing is pruned yet: round 0 reads the dense model, whose column norms wanda already
-        # has when the allocation collected them.
-        if allocation and self.method is PruneMethod.WANDA:
-            return allocation
-        return self._statistics(dense, members, ctx)
+            return self._statistics(to_model(graph), members, ctx, reference=dense)
+        return self._statistics(dense, members, ctx)  # nothing is pruned yet: the dense model
 
     def _method_for(self, stats) -> PruneMethod:
         """The method a layer is pruned with: magnitude where its statistics are missing."""

@@ -183,3 +183,19 @@ def test_the_recorded_pipeline_replays_to_the_same_bytes(tmp_path):
     assert pipeline == "cleanup,prune{sparsity=0.7,method=magnitude,pattern=block:2x2}"
     assert polaris("compile", CNN, "--pipeline", pipeline, "-o", replay, "-q").returncode == 0
     assert digest(out) == digest(replay)
+
+
+def test_one_shot_sparsegpt_takes_the_dense_statistics_and_says_so_in_the_pipeline(tmp_path):
+    runs = {}
+    for flag in ([], ["--one-shot"]):
+        out = tmp_path / f"mlp{len(flag)}.onnx"
+        args = ["--method", "sparsegpt", "--calib", MLP_CALIB, *flag, "--json", "-o", out]
+        result = polaris("prune", MLP, *args)
+        assert result.returncode == 0, result.stderr
+        runs[bool(flag)] = (json.loads(result.stdout)["pipeline"], layer_weights(onnx.load(out)))
+    assert runs[True][0] == "cleanup,prune{sparsity=0.5,method=sparsegpt,sequential=false}"
+    assert runs[False][0] == "cleanup,prune{sparsity=0.5,method=sparsegpt}"
+    # The first layer reads the graph input either way; the later ones see different inputs.
+    first, *later = runs[True][1]
+    np.testing.assert_array_equal(runs[True][1][first], runs[False][1][first])
+    assert all(not np.array_equal(runs[True][1][n], runs[False][1][n]) for n in later)

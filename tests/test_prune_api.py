@@ -110,6 +110,12 @@ def test_magnitude_needs_no_calibration():
             "cleanup,prune{sparsity=0.5,method=magnitude,exclude=/fc*;fc3.weight,correct=true}",
         ),
         (
+            {"method": "sparsegpt", "sequential": False},
+            "cleanup,prune{sparsity=0.5,method=sparsegpt,sequential=false}",
+        ),
+        # wanda always reads the dense model, so one-shot adds nothing to its pipeline.
+        ({"method": "wanda", "sequential": False}, "cleanup,prune{sparsity=0.5,method=wanda}"),
+        (
             {"structured": "channel", "sparsity": 0.25, "correct": True},
             "cleanup,prune-structured{kind=channel,sparsity=0.25,importance=l2,correct=true}",
         ),

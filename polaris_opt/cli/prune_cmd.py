@@ -93,8 +93,8 @@ OneShotFlag = Annotated[
     typer.Option(
         "--one-shot",
         rich_help_panel=WHAT,
-        help="wanda/sparsegpt: take every layer's statistics from the dense model in one pass, "
-        "instead of layer by layer from the model pruned so far (the default).",
+        help="sparsegpt: take every layer's statistics from the dense model in one pass, instead "
+        "of layer by layer from the model pruned so far (the default).",
     ),
 ]
 StructuredOpt = Annotated[

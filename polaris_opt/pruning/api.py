@@ -46,7 +46,7 @@ class PruneOptions:
     max_layer_sparsity: float = DEFAULT_MAX_LAYER_SPARSITY
     exclude: tuple[str, ...] = ()
     skip_first_last: bool = False
-    sequential: bool = True  # wanda/sparsegpt: layer by layer from the model pruned so far
+    sequential: bool = True  # sparsegpt: layer by layer from the model pruned so far
     structured: str | None = None  # channel | filter | head: remove whole channels instead
     importance: str = DEFAULT_IMPORTANCE
     correct: bool = False
@@ -165,7 +165,7 @@ class PruneOptions:
                 options.append(f"max-layer-sparsity={float(self.max_layer_sparsity)!r}")
             if self.skip_first_last:
                 options.append("skip-first-last=true")
-            if not self.sequential and self.method != "magnitude":
+            if not self.sequential and self.method == "sparsegpt":
                 options.append("sequential=false")
         if self.exclude:
             options.append("exclude=" + ";".join(dict.fromkeys(self.exclude)))
