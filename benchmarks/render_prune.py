@@ -34,6 +34,8 @@ def _quality_cell(row: dict, dense: dict) -> str:
     cell = f"{row['sqnr_db']:.1f} dB"
     if "top1" in row:
         cell += f", {row['top1']:.2f} %"
+    elif row.get("agreement") is not None:
+        cell += f", agree {row['agreement']:.0f} %"
     return cell
 
 
@@ -51,6 +53,8 @@ def structured(results: dict) -> None:
             f"({ms['speedup']:.2f}× faster) |"
         )
     print(f"| output SQNR vs dense | {resnet['sqnr_db']:.1f} dB |")
+    if "sqnr_db_correct" in resnet:
+        print(f"| output SQNR vs dense, `--correct` | {resnet['sqnr_db_correct']:.1f} dB |")
     print()
     digits = results["digits_cnn_channel_25"]
     print(
