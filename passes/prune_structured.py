@@ -48,7 +48,8 @@ from polaris_opt.pruning.channels import (
     remove_channels,
     touched_elements,
 )
-from polaris_opt.pruning.groups import Group, find_groups
+from polaris_opt.pruning.group_search import find_groups
+from polaris_opt.pruning.groups import Group
 from polaris_opt.pruning.importance import norm_importance, taylor_importance
 from polaris_opt.surgery import Names
 

@@ -16,7 +16,8 @@ from test_prune_structured import assert_equivalent
 
 from polaris_opt.export import to_graph, to_model
 from polaris_opt.pruning.channels import channels_to_remove, kept_positions, remove_channels
-from polaris_opt.pruning.groups import Group, find_groups
+from polaris_opt.pruning.group_search import find_groups
+from polaris_opt.pruning.groups import Group
 from polaris_opt.pruning.importance import norm_importance, taylor_importance
 from polaris_opt.surgery import Names
 

@@ -19,7 +19,8 @@ from polaris_opt.export import to_graph, to_model
 from polaris_opt.numerics import run_model
 from polaris_opt.passes_api import PassContext
 from polaris_opt.pipeline import Pipeline
-from polaris_opt.pruning.heads import find_attention_blocks, output_energy, prune_heads, weight_importance
+from polaris_opt.pruning.attention_blocks import find_attention_blocks
+from polaris_opt.pruning.heads import output_energy, prune_heads, weight_importance
 
 D, HEADS, HEAD_DIM, SEQ = 16, 4, 4, 6
 FLOAT, INT64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
