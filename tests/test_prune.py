@@ -235,6 +235,37 @@ def test_a_weight_reaching_its_matmul_through_transpose_is_pruned_after_cleanup(
     np.testing.assert_allclose(run_model(out, {"x": x})["y"], x @ expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "route",
+    [
+        "s = Constant<value = int64[2] {20, 12}>()\n             t = Reshape(w, s)",
+        "t = Cast<to = 1>(w)",
+    ],
+    ids=["reshape", "cast"],
+)
+def test_a_weight_reaching_its_matmul_through_reshape_or_cast_is_pruned_after_cleanup(route):
+    stored = np.float16 if "Cast" in route else np.float32
+    w = floats(20, 12).astype(stored)
+    kind = "float16" if stored is np.float16 else "float"
+    shape = "[20,12]" if "Cast" in route else "[240]"
+    model = parse(
+        f"""g (float[2,20] x) => (float[2,12] y) <{kind}{shape} w> {{
+             {route}
+             [mm] y = MatMul(x, t) }}""",
+        w=w.reshape(-1) if "Reshape" in route else w,
+    )
+    out, _, details = prune(model, "cleanup,prune{sparsity=0.5}")
+    assert [n.op_type for n in out.graph.node] == ["MatMul"]
+    (row,) = details["layers"]
+    folded = weights(out)[row["weight"]]
+    assert folded.shape == (20, 12) and folded.dtype == np.float32
+    assert np.count_nonzero(folded) == 120
+    kept = folded != 0
+    np.testing.assert_array_equal(folded[kept], w.astype(np.float32)[kept])
+    # The pruned half is the smaller half of the layer's magnitudes.
+    assert np.abs(folded[kept]).min() >= np.abs(w.astype(np.float32)[~kept]).max()
+
+
 def test_weights_in_if_branches_are_left_alone_and_the_model_still_runs():
     model, feeds = export_like.with_if()
     out, _, _ = prune(model, "cleanup,prune{sparsity=0.5}")
