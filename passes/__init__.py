@@ -25,6 +25,8 @@ PASSES: dict[str, str] = {
     "correct-bias": "polaris_opt.passes.correct_bias:CorrectBias",
     "prune": "polaris_opt.passes.prune:Prune",
     "prune-structured": "polaris_opt.passes.prune_structured:PruneStructured",
+    "lower": "polaris_opt.passes.lower:Lower",
+    "sparsify": "polaris_opt.passes.sparsify:Sparsify",
 }
 
 # An alias names a sequence of passes; it is printed back as written and expanded when run.

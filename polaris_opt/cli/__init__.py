@@ -66,6 +66,12 @@ def _register_commands() -> None:
     app.command("passes")(passes_cmd.passes)
     app.command("analyze")(analyze_cmd.analyze)
     app.command("prune")(prune_cmd.prune)
+    from polaris_opt.cli import lower_cmd
+
+    app.command("lower")(lower_cmd.lower)
+    from polaris_opt.cli import sparsify_cmd
+
+    app.command("sparsify")(sparsify_cmd.sparsify)
 
 
 _register_commands()
