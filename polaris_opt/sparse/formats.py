@@ -230,6 +230,10 @@ def _quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(over="ignore"):
         overflows = np.isinf(scale * np.float32(INT8_LIMIT))
     scale = np.where(overflows, np.nextafter(scale, np.float32(0)), scale)
+    # A subnormal scale rounds in absolute steps and can land below peak / 127, which would clip
+    # the peak's code; one step up restores it (float64 division sees the shortfall exactly).
+    short = (peak > 0) & (peak.astype(np.float64) / scale.astype(np.float64) > INT8_LIMIT + 0.5)
+    scale = np.where(short, np.nextafter(scale, np.float32(np.inf)), scale).astype(np.float32)
     # Only the nonzeros are divided (a dense float64 temporary is the slow part), in float64 so
     # the rounding error stays within scale / 2 exactly.
     rows, cols = np.nonzero(w)
