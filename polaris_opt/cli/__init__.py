@@ -69,6 +69,9 @@ def _register_commands() -> None:
     from polaris_opt.cli import lower_cmd
 
     app.command("lower")(lower_cmd.lower)
+    from polaris_opt.cli import run_cmd
+
+    app.command("run")(run_cmd.run)
     from polaris_opt.cli import sparsify_cmd
 
     app.command("sparsify")(sparsify_cmd.sparsify)
