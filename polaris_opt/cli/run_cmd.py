@@ -144,7 +144,10 @@ def _render(console: Console, summary: dict[str, Any]) -> None:
     polaris_steps = any(record["op_type"] != "onnxruntime" for record in summary["steps"])
     device = summary["device"] or ("none: ai.polaris ops on the host" if polaris_steps else "not needed")
     took = f"{summary['seconds'] * 1e3:.2f} ms"
-    console.print(f"[bold]{escape(summary['model'])}[/] · device {escape(device)} · {took}")
+    # The first line stays the same from run to run and machine to machine; time and device follow.
+    steps = len(summary["steps"])
+    console.print(f"[bold]ran {escape(summary['model'])}[/]: {steps} step{'s' if steps != 1 else ''}")
+    console.print(f"device {escape(device)} · {took}")
     console.print(_outputs_table(summary["outputs"]))
     console.print(_steps_table(summary["steps"]))
     if summary["output"]:
