@@ -2,8 +2,9 @@
 //
 // From X [B, C, H, W] it writes XT [C·kh·kw, ldx]: row k = (c, i, j) in Conv weight order (the
 // columns of W [O, C·kh·kw]), column m = (b, oh, ow) for m < B·OH·OW and 0 up to ldx (the tile
-// kernels read whole tiles). That is im2col's [B·OH·OW, C·kh·kw] transposed, which is what the
-// tile kernels read: the batch tile of one weight is contiguous. Conv padding reads as 0.
+// kernels read whole tiles; zeros, not leftover memory whose denormals would slow a CPU down).
+// That is im2col's [B·OH·OW, C·kh·kw] transposed, which is what the tile kernels read: the
+// batch tile of one weight is contiguous. Conv padding reads as 0.
 // A 1×1 stride-1 unpadded conv of a batch of one needs none of this when its pixel count is a
 // whole number of tiles (X itself is XT); otherwise this kernel only reorders and pads.
 //
