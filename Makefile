@@ -27,6 +27,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_foundation.py
 	$(PY) benchmarks/bench_quantize.py
 	$(PY) benchmarks/bench_prune.py
+	$(PY) benchmarks/bench_spmm.py
+	$(PY) benchmarks/bench_qmatmul.py
+	$(PY) benchmarks/bench_runtime.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
