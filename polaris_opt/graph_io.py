@@ -60,17 +60,35 @@ def _read(path: Path) -> tuple[onnx.ModelProto, str | None]:
 
     A binary file is checked as read: checking the parsed model would serialise every weight
     once more. The caller reports the problem after its own checks of the parsed model, which
-    say more about a file that is no model at all.
+    say more about a file that is no model at all. A model importing ai.polaris is checked
+    against that op set's schemas.
     """
     # Like onnx.load_model: a text format when the extension names one (.onnxtxt, .json).
     fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix) or "protobuf"
     data = path.read_bytes()
-    problem = _checker_problem(data) if fmt == "protobuf" else None
     try:
         model = onnx.load_model_from_string(data, format=fmt)
     except (DecodeError, RuntimeWarning, ValueError) as exc:
         raise BadInput(f"{path}: not an ONNX model (protobuf parse failed: {exc})") from None
-    return model, problem if fmt == "protobuf" else _checker_problem(model)
+    # Parsed first so that the checker knows the ai.polaris schemas before it reads the model.
+    register_polaris_schemas_for(model)
+    return model, _checker_problem(data if fmt == "protobuf" else model)
+
+
+def imports_polaris(model: onnx.ModelProto) -> bool:
+    """Whether `model` imports the ai.polaris op set (its nodes may then use it)."""
+    from polaris_opt.ops import DOMAIN
+
+    return any(opset.domain == DOMAIN for opset in model.opset_import)
+
+
+def register_polaris_schemas_for(model: onnx.ModelProto) -> None:
+    """Give ONNX the ai.polaris schemas when `model` imports that op set, so onnx.checker checks
+    its nodes fully instead of passing over an unknown domain (idempotent, cheap)."""
+    if imports_polaris(model):
+        from polaris_opt.ops import register_schemas
+
+        register_schemas()
 
 
 def _check_looks_like_model(model: onnx.ModelProto, path: Path) -> None:

@@ -4,6 +4,11 @@ The checks are calibrated on the input model first: if the input itself fails th
 checker (many real exports do) or cannot run on ONNX Runtime, that check is relaxed or skipped
 with a warning instead of blaming the first pass for a fault it did not cause.
 
+A model holding ai.polaris nodes (after `sparsify`, say) is checked against that op set's
+schemas, and run for numerics through polaris_opt.runtime.Session on the host: ONNX Runtime
+runs the standard nodes and the NumPy references, the specification of each op, run the rest,
+so a wrong SparseMatMul is caught whatever the device kernels would do.
+
 Structure is checked on a skeleton (polaris_opt.export): the graph without the payloads of
 its big weights, so checking copies none of them. Each payload left out is measured against
 its dims and type once, the first time it is seen: passes give a weight new values rather
@@ -21,8 +26,9 @@ import onnx_graphsurgeon as gs
 
 from polaris_opt.errors import PassFailed
 from polaris_opt.export import payloads_left_out, skeleton_model, tensor_problem, to_model
-from polaris_opt.graph_io import PROTOBUF_LIMIT, tensor_bytes
+from polaris_opt.graph_io import PROTOBUF_LIMIT, register_polaris_schemas_for, tensor_bytes
 from polaris_opt.numerics import compare_outputs, make_session, run_model, sample_inputs
+from polaris_opt.runtime.partition import has_polaris_nodes
 
 # The least output SQNR a lossy pass may leave under --verify numeric: below this the model no
 # longer computes the same function (a broken scale, a wrong axis), whatever the precision.
@@ -58,7 +64,9 @@ class Verifier:
         verifier = cls(mode)
         if mode is VerifyMode.NONE:
             return verifier
-        verifier.full_check = _passes_full_check(skeleton_model(graph, model), verifier.warnings)
+        skeleton = skeleton_model(graph, model)
+        register_polaris_schemas_for(skeleton)
+        verifier.full_check = _passes_full_check(skeleton, verifier.warnings)
         if mode is VerifyMode.NUMERIC and tensor_bytes(model) >= PROTOBUF_LIMIT:
             # The skeleton keeps structure checks cheap at any size; running the model in
             # ONNX Runtime from memory needs it serialised, which protobuf cannot above 2 GB.
@@ -70,11 +78,11 @@ class Verifier:
 
     def _record_reference(self, model: onnx.ModelProto, feeds, seed: int) -> None:
         try:
-            session = make_session(model)
+            session = _open_session(model)
         except Exception as exc:  # noqa: BLE001 - ORT's error types are not public API
             self.mode = VerifyMode.STRUCTURE
             self.warnings.append(
-                f"numeric verification skipped: the input does not run on ONNX Runtime ({exc})"
+                f"numeric verification skipped: the input does not run on {_runner(model)} ({exc})"
             )
             return
         self.feeds = feeds if feeds is not None else sample_inputs(session, seed=seed)
@@ -92,7 +100,9 @@ class Verifier:
             return
         for payload in payloads_left_out(graph):
             self._check_payload(payload, pass_name)
-        self._check_structure(skeleton_model(graph, template), pass_name)
+        skeleton = skeleton_model(graph, template)
+        register_polaris_schemas_for(skeleton)
+        self._check_structure(skeleton, pass_name)
         if self.mode is VerifyMode.NUMERIC:
             self._check_numerics(to_model(graph, template), pass_name, lossy)
 
@@ -112,10 +122,10 @@ class Verifier:
 
     def _check_numerics(self, model: onnx.ModelProto, pass_name: str, lossy: bool) -> None:
         try:
-            got = run_model(model, self.feeds)
+            got = run_model(_open_session(model), self.feeds)
         except Exception as exc:  # noqa: BLE001
             raise PassFailed(
-                pass_name, f"the graph no longer runs on ONNX Runtime: {_first_line(exc)}"
+                pass_name, f"the graph no longer runs on {_runner(model)}: {_first_line(exc)}"
             ) from None
         if lossy:
             self._check_lossy(got, pass_name)
@@ -138,6 +148,23 @@ class Verifier:
                     pass_name, f"output '{name}' SQNR {figure:.1f} dB is below {LOSSY_FLOOR_DB:g} dB"
                 )
         self.reference = got
+
+
+def _open_session(model: onnx.ModelProto):
+    """An ONNX Runtime session for a standard model; for one holding ai.polaris nodes, a
+    polaris_opt Session with every such node on the host, where its NumPy reference runs."""
+    if has_polaris_nodes(model):
+        from polaris_opt.runtime import Session
+
+        return Session(model, placement="host")
+    return make_session(model)
+
+
+def _runner(model: onnx.ModelProto) -> str:
+    """What `_open_session` runs `model` on, as error messages name it."""
+    if has_polaris_nodes(model):
+        return "ONNX Runtime with the ai.polaris host references"
+    return "ONNX Runtime"
 
 
 def _no_longer_valid(pass_name: str, problem: str) -> PassFailed:
