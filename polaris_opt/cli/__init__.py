@@ -75,6 +75,9 @@ def _register_commands() -> None:
     from polaris_opt.cli import sparsify_cmd
 
     app.command("sparsify")(sparsify_cmd.sparsify)
+    from polaris_opt.cli import tune_cmd
+
+    app.command("tune")(tune_cmd.tune)
 
 
 _register_commands()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from polaris_opt import tuning
 from polaris_opt.cl_env import ClEnv, round_up
 from polaris_opt.errors import BadInput
 from polaris_opt.ops import complete_attributes
@@ -68,6 +69,9 @@ class DeviceSparseWeight:
         self.scale = launcher.upload(matrix.scale)
         self.bias = launcher.upload(bias)
         self.vec_width = vector_width(env)
+        # batch class -> defines that `polaris-opt tune` measured faster on this device (or {})
+        values = tuning.VALUE_NAMES[matrix.data.dtype]
+        self.tuned = tuning.tuned_choices(env, env.profile.name, matrix.format, values, self.cols)
         self.defines = self._defines()
         self._spmv, self._spmv_size = self._spmv_kernel()
         self._transpose = env.kernel(SPMM_SOURCE, "transpose", self.defines)
@@ -90,20 +94,25 @@ class DeviceSparseWeight:
         """The batch-1 kernel and its global size."""
         cpu = self.env.profile.row_per_work_item
         kind = self.matrix.format
+        defines = {**self.defines, **self.tuned.get(tuning.batch_class(1), {})}
+        width = int(defines["VEC_WIDTH"])
         if kind == "csr" and not cpu:
-            rows_per_group = self.env.local_size // int(self.defines["ROW_LANES"])
+            rows_per_group = self.env.local_size // int(defines["ROW_LANES"])
             name, size = "csr_spmv_vector", -(-self.rows // rows_per_group) * self.env.local_size
-        elif kind == "sell" and cpu and self.matrix.slice_height % self.vec_width == 0:
-            name, size = "sell_spmv_rows", -(-self.rows // self.vec_width)
+        elif kind == "sell" and cpu and self.matrix.slice_height % width == 0:
+            name, size = "sell_spmv_rows", -(-self.rows // width)
         else:
             name, size = f"{kind}_spmv_row", self.block_rows
-        return self.env.kernel(SPMM_SOURCE, name, self.defines), size
+        return self.env.kernel(SPMM_SOURCE, name, defines), size
 
     def tile_vectors(self, m_total: int) -> int:
         """Vectors of activations per work-item on the CPU: enough for the batch, at most 4 (a BSR
         block row holds BLOCK_R times as many accumulators: at most 16 vectors in all, AVX2's
         register count; measured, 4x4 blocks at batch 32 run 1.49 ms with 4, 1.61 with 2).
         One float4 on GPUs, whose registers are per work-item and scarcer."""
+        tuned = self.tuned.get(tuning.batch_class(m_total), {}).get("TILE_VECTORS")
+        if tuned is not None:
+            return int(tuned)
         if not self.env.profile.row_per_work_item:
             return 1
         most = min(4, max(1, 16 // self.matrix.block[0])) if self.matrix.format == "bsr" else 4
