@@ -7,6 +7,7 @@ runs and reads no environment; everything it needs arrives in the `PassContext`.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import enum
 import logging
@@ -70,7 +71,7 @@ class PassResult:
 
 
 @dataclass(frozen=True)
-class Pass:
+class Pass(abc.ABC):
     """Base of every pass. Subclasses are `@dataclass(frozen=True)` with typed option fields."""
 
     name: ClassVar[str] = ""
@@ -78,8 +79,9 @@ class Pass:
     # checks them against an SQNR floor instead of float tolerances.
     lossy: ClassVar[bool] = False
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__} must implement run()")
+    @abc.abstractmethod
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        """Transform `graph` (in place, or return a new one in the result)."""
 
     @classmethod
     def options(cls) -> list[Option]:
