@@ -143,6 +143,29 @@ def test_matmul_matches_the_reference(env, fmt, values, batch):
     check_matmul(env, rng, w, (batch,), fmt, values=values, bias=batch != 3, activation=activation)
 
 
+@pytest.mark.parametrize("batch", [2, 5, 8, 16, 17, 24])
+@pytest.mark.parametrize("fmt", ["csr", "bsr", "sell"])
+def test_a_handful_of_rows_matches_the_reference(env, fmt, batch):
+    """Small batches take the tile kernel with just enough vectors (1 to 3 on the CPU: 17 and 24
+    rows are 3 vectors, a width that is no power of two); each ragged tile edge is exercised."""
+    rng = np.random.default_rng(100 + batch)
+    w = random_weight(rng, 41, 67, sparsity=0.9)
+    check_matmul(env, rng, w, (batch,), fmt, activation="relu" if batch % 2 else "none")
+
+
+def test_tile_vectors_follow_the_batch(env, tmp_path, monkeypatch):
+    # The launcher's own rule: an empty cache folder keeps any `polaris-opt tune` result out.
+    from polaris_opt import tuning
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    tuning.forget_loaded()
+    m = from_dense(random_weight(np.random.default_rng(3), 20, 30, sparsity=0.5), "csr")
+    launcher = LAUNCHERS["SparseMatMul"](env, sparse_attrs(m), constants_of(sparse_inputs(m, None)))
+    width = launcher.weight.vec_width
+    assert [launcher.weight.tile_vectors(width * v) for v in (1, 2, 3, 4, 5)] == [1, 2, 3, 4, 4]
+    assert launcher.weight.tile_vectors(width * 2 + 1) == 3
+
+
 @pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize("values", ["fp32", "fp16", "int8"])
 @pytest.mark.parametrize("fmt", ["csr", "bsr", "sell"])
