@@ -456,3 +456,29 @@ def test_bad_conv_input_is_refused(env):
         launch(launcher, np.zeros((1, 2, 4, 4), np.float32))
     with pytest.raises(BadInput, match="not C·kh·kw"):
         LAUNCHERS["SparseConv"](env, {**attrs, "kernel_shape": (2, 2)}, constants_of(sparse_inputs(m, None)))
+
+
+def test_repeated_shapes_reuse_scratch_without_overwriting_held_results(env):
+    rng = np.random.default_rng(11)
+    w = random_weight(rng, 40, 72, sparsity=0.85)
+    m = from_dense(w, "csr")
+    launcher = LAUNCHERS["SparseMatMul"](env, sparse_attrs(m), constants_of(sparse_inputs(m, None)))
+    feeds = [rng.standard_normal((batch, 72)).astype(np.float32) for batch in (16, 16, 4, 16, 30, 4)]
+    import pyopencl.array as cl_array
+
+    # device outputs kept, read only after every later call has reused the scratch
+    held = [launcher.launch({0: cl_array.to_device(env.queue, x)}) for x in feeds]
+    for x, y in zip(feeds, held, strict=True):
+        assert_within(y.get(), x @ w.T, magnitude(x, w, None))
+
+
+def test_concurrent_launches_of_one_shape_share_scratch_safely(env):
+    rng = np.random.default_rng(12)
+    w = random_weight(rng, 256, 128, sparsity=0.9)
+    m = from_dense(w, "csr")
+    launcher = LAUNCHERS["SparseMatMul"](env, sparse_attrs(m), constants_of(sparse_inputs(m, None)))
+    feeds = [rng.standard_normal((8, 128)).astype(np.float32) for _ in range(24)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda x: launch(launcher, x), feeds))
+    for x, got in zip(feeds, results, strict=True):
+        assert_within(got, x @ w.T, magnitude(x, w, None))

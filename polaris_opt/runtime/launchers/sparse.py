@@ -16,7 +16,9 @@ builds the programs its value type, index type and block shape need, and picks k
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -194,6 +196,7 @@ class SparseMatMul(Launcher):
         attrs = complete_attributes(self.op_type, attrs)
         super().__init__(env, attrs, constants)
         self.weight = device_weight(self, attrs, constants)
+        self._scratch = TransposeScratch(self)
 
     def launch(self, inputs):
         x = self.float_input(inputs, X, "X")
@@ -207,9 +210,9 @@ class SparseMatMul(Launcher):
             self.weight.spmv(x.data, y.data)
         elif m_total > 1:
             ldx = round_up(m_total, self.weight.batch_tile(m_total))
-            xt = self.empty((cols, ldx))
-            self.weight.transpose(x.data, m_total, ldx, xt.data)
-            self.weight.spmm(xt.data, ldx, m_total, y.data, pixels=1)
+            with self._scratch.buffer(cols * ldx) as xt:
+                self.weight.transpose(x.data, m_total, ldx, xt)
+                self.weight.spmm(xt, ldx, m_total, y.data, pixels=1)
         return y
 
     def cost(self, input_shapes):
@@ -217,6 +220,30 @@ class SparseMatMul(Launcher):
         flops, moved = self.weight.traffic(m_total)
         transpose = 8.0 * m_total * self.weight.cols if m_total > 1 else 0.0  # read X, write XT
         return flops, moved + transpose
+
+
+class TransposeScratch:
+    """One launcher's XT buffer, kept across calls instead of allocated per call (measured on
+    PoCL, 4096x1024 csr at 16 rows: an allocation costs about 0.013 ms of a 0.3 ms call).
+
+    Safe to share because the environment's queue is in-order: a call enqueues its transpose
+    and its tile kernel while holding the lock, so the next call's transpose (which overwrites
+    XT) runs only after this call's tile kernel has read it, whichever thread enqueues it.
+    The buffer grows to the largest XT seen; only scratch is reused, never an output.
+    """
+
+    def __init__(self, launcher: Launcher):
+        self._launcher = launcher
+        self._lock = threading.Lock()
+        self._array = None
+
+    @contextlib.contextmanager
+    def buffer(self, floats: int):
+        """A device buffer of at least `floats` float32s, this caller's until the block ends."""
+        with self._lock:
+            if self._array is None or self._array.size < floats:
+                self._array = self._launcher.empty((floats,))
+            yield self._array.data
 
 
 @register
