@@ -31,7 +31,6 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from polaris_opt.pruning.head_splits import (
-    FLOAT_TYPES,
     HeadSplit,
     NotPrunable,
     ShapeEntry,
@@ -43,6 +42,7 @@ from polaris_opt.pruning.head_splits import (
     only_reader,
     perm_of,
 )
+from polaris_opt.pruning.targets import FLOAT_TYPES
 from polaris_opt.surgery import constant_value, consumers, is_standard_domain, producer
 
 Q_PERM, K_PERM, V_PERM, MERGE_PERM = (0, 2, 1, 3), (0, 2, 3, 1), (0, 2, 1, 3), (0, 2, 1, 3)

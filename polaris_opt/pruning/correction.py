@@ -72,6 +72,7 @@ from polaris_opt.export import to_model
 from polaris_opt.fidelity import sqnr_from_energies
 from polaris_opt.layer_bias import bias_add, channels_last, conv_bias, gemm_bias, set_bias
 from polaris_opt.passes_api import Progress, no_progress
+from polaris_opt.pruning.targets import PRUNABLE_OPS
 from polaris_opt.pruning.targets import layer_rounds as correction_rounds
 from polaris_opt.surgery import (
     Names,
@@ -85,7 +86,7 @@ from polaris_opt.surgery import (
 if TYPE_CHECKING:
     from polaris_opt.calib_data import CalibrationSource
 
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+LAYER_OPS = PRUNABLE_OPS  # the layers whose outputs a correction can re-fit
 # Below this per-channel variance a layer output is a constant: no scale can be matched on it.
 CONSTANT_VARIANCE = 1e-12
 # Bounds of a channel's scale σ_dense/σ_pruned. The ratio restores the spread of the channel, but

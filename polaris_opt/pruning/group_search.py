@@ -28,11 +28,11 @@ import onnx_graphsurgeon as gs
 
 from polaris_opt.pruning.group_coupling import COUPLING_RULES, Rule
 from polaris_opt.pruning.groups import ConstantSlice, Group, LayerUse, Member, node_label
-from polaris_opt.pruning.targets import weight_of
+from polaris_opt.pruning.targets import PRUNABLE_OPS, weight_of
 from polaris_opt.shape_info import TensorInfo, infer_tensor_info
 from polaris_opt.surgery import constant_value, consumers, is_graph_output, is_standard_domain, producer
 
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+LAYER_OPS = PRUNABLE_OPS  # the weighted layers whose channels a group can couple
 
 
 def find_groups(graph: gs.Graph) -> list[Group]:

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
+from polaris_opt.pruning.targets import FLOAT_TYPES
 from polaris_opt.surgery import constant_value, consumers, is_graph_output, is_standard_domain, producer
-
-FLOAT_TYPES = (np.float16, np.float32, np.float64)
 
 
 class NotPrunable(Exception):

@@ -34,12 +34,10 @@ import onnx_graphsurgeon as gs
 from polaris_opt.capture import stream_tensors
 from polaris_opt.errors import BadInput
 from polaris_opt.passes_api import PassContext
+from polaris_opt.pruning.api import IMPORTANCES
 from polaris_opt.pruning.attention_blocks import AttentionBlock, find_attention_blocks
 from polaris_opt.pruning.head_splits import ShapeEntry
 from polaris_opt.surgery import Names, constant_value, consumers
-
-IMPORTANCES = ("l1", "l2", "taylor")
-
 
 # ---------------------------------------------------------------------------------- importance
 
