@@ -3,7 +3,8 @@
 Each runs in both layouts on the machine's OpenCL device: the device's own profile (PoCL: `cpu`,
 one work-item per output row) and the `polaris` GPU layout (one work-group per row), which PoCL
 executes correctly, only more slowly. Odd shapes, batch 1 / 3 / 32 and K not a multiple of the
-INT4 block throughout.
+INT4 block throughout; half-step ties and saturation of the quantization, and the work-group
+sizes `polaris-opt tune` may pick (LOCAL_SIZE 16 and 256), in tests of their own.
 
 Bounds the tests hold (u = 2^-24, float32's unit roundoff):
 - QMatMul/QGemm: the int32 accumulation is exact, so only the epilogue rounds: float(acc), the
@@ -208,6 +209,65 @@ def test_dynamic_range_always_holds_zero(x):
         np.testing.assert_array_equal(got, np.broadcast_to(constants[3], got.shape))
 
 
+def half_step_rows(rows: int, k: int, scale: float, zero_point: int) -> np.ndarray:
+    """Rows of X on every half step between codes, (j + 0.5)·scale, and on both ends of the code
+    range (codes 0 and 255 exactly), in a different order per row; zeros pad each row to K."""
+    ends = np.array([-zero_point, 255 - zero_point], dtype=np.float64)
+    steps = np.concatenate([np.arange(-zero_point, 255 - zero_point) + 0.5, ends]) * scale
+    values = np.zeros((rows, k))
+    for row in values:
+        row[: steps.size] = RNG.permutation(steps)
+    return values.astype(np.float32)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["static", "dynamic", "dynamic-large"])
+def test_quantization_rounds_half_to_even_and_saturates(layout, mode):
+    # x / x_scale = j + 0.5 must round to the even neighbour, as QuantizeLinear and the reference's
+    # np.rint do; beyond the range X saturates at codes 0 and 255. The dynamic range is made to be
+    # exactly [-12.5, 19.375], so its scale is 31.875 / 255 = 0.125 and its zero point 100, and
+    # "dynamic-large" has more values than ONE_GROUP_RANGE (range_partial + dynamic_params). An
+    # identity w_q and power-of-two scales make Y = (x_q - zp)·x_scale exact: equal bit for bit.
+    k, scale, zero_point = 264, 0.125, 100
+    rows = ONE_GROUP_RANGE // k + 2 if mode == "dynamic-large" else 3
+    x = half_step_rows(rows, k, scale, zero_point)
+    constants = {1: np.eye(k, dtype=np.int8), 2: np.ones(k, np.float32)}
+    if mode == "static":
+        constants |= {4: np.array(scale, np.float32), 5: np.array(zero_point, np.uint8)}
+        x[:, -4:] = [-1e6, 1e6, -np.inf, np.inf]  # saturate to codes 0 and 255
+    got = run(QMatMul(ENVS[layout], {}, constants), x)
+    np.testing.assert_array_equal(got, REFERENCES["QMatMul"](reference_inputs(x, constants, 6), {}))
+    codes = got / scale + zero_point
+    exact = x[0, :-4] / scale + zero_point  # 100.5 -> 100, 101.5 -> 102: Python's round is half-even too
+    np.testing.assert_array_equal(codes[0, :-4], [round(float(v)) for v in exact])
+    if mode == "static":
+        np.testing.assert_array_equal(codes[:, -4:], np.broadcast_to([0, 255, 0, 255], (rows, 4)))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("local_size", [16, 256])
+def test_kernels_work_at_any_local_size(layout, local_size, monkeypatch):
+    # `polaris-opt tune` may build the kernels with any power-of-two LOCAL_SIZE from 16 to 256: the
+    # local-memory reductions (X's range, the GPU layout's partial sums) and the tile stores must
+    # hold at both ends, for one tile row and for a full tile of 8 (batch 9: the last tile ragged).
+    env = open_env(profile=None if layout == "native" else "polaris")
+    if local_size > env.device.max_work_group_size:
+        pytest.skip(f"the device runs at most {env.device.max_work_group_size} work-items per group")
+    monkeypatch.setattr(type(env), "local_size", property(lambda self: local_size))
+    k = 301
+    int8 = {"dynamic": int8_constants(13, k), "static": int8_constants(13, k, static=(0.02, 120))}
+    int4_attrs = {"K": k, "N": 11, "block_size": 32}
+    int4_weight = int4_constants(11, k, 32, zero_points=True)
+    int4 = MatMulInt4(env, int4_attrs, int4_weight)
+    for batch in (1, 9, ONE_GROUP_RANGE // k + 2):
+        x = RNG.standard_normal((batch, k)).astype(np.float32)
+        for constants in int8.values():
+            expected = REFERENCES["QMatMul"](reference_inputs(x, constants, 6), {})
+            magnitude = quant_magnitude("QMatMul", x, constants, {"activation": "none"})
+            assert_quant_close(run(QMatMul(env, {}, constants), x), expected, magnitude)
+        assert_int4_close(run(int4, x), x, int4_weight, int4_attrs)
+
+
 def test_leading_axes_pass_through_and_empty_batches():
     constants = int8_constants(13, 24, bias=False, static=(0.1, 128))
     launcher = QMatMul(ENVS["native"], {}, constants)
@@ -281,6 +341,19 @@ def int4_constants(n: int, k: int, block_size: int, zero_points: bool, bias: boo
     return constants
 
 
+def assert_int4_close(got: np.ndarray, x: np.ndarray, constants: dict, attrs: dict) -> None:
+    """Within γ_K·Σ|x·w| + u·|y| of the exact product, and twice that of the reference."""
+    k = attrs["K"]
+    inputs = reference_inputs(x, constants, 5)
+    weight = REFERENCES["MatMulInt4"]([np.eye(k, dtype=np.float32), *inputs[1:4]], attrs)  # Wᵀ [K, N]
+    exact = x.astype(np.float64) @ weight.astype(np.float64) + constants.get(4, 0.0)
+    gamma = k * U / (1 - k * U)
+    bound = gamma * (np.abs(x).astype(np.float64) @ np.abs(weight).astype(np.float64)) + U * np.abs(exact)
+    assert np.all(np.abs(got - exact) <= bound)
+    expected = REFERENCES["MatMulInt4"](inputs, attrs)
+    assert np.all(np.abs(got - expected) <= 2 * bound + U * np.abs(expected))
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("batch", [1, 3, 32])
 @pytest.mark.parametrize(
@@ -293,14 +366,7 @@ def test_matmul_int4_matches_reference(layout, batch, n, k, block_size, zero_poi
     constants = int4_constants(n, k, block_size, zero_points, bias=batch != 3)
     x = RNG.standard_normal((batch, k)).astype(np.float32)
     got = run(MatMulInt4(ENVS[layout], attrs, constants), x)
-    inputs = reference_inputs(x, constants, 5)
-    weight = REFERENCES["MatMulInt4"]([np.eye(k, dtype=np.float32), *inputs[1:4]], attrs)  # Wᵀ [K, N]
-    exact = x.astype(np.float64) @ weight.astype(np.float64) + constants.get(4, 0.0)
-    gamma = k * U / (1 - k * U)
-    bound = gamma * (np.abs(x).astype(np.float64) @ np.abs(weight).astype(np.float64)) + U * np.abs(exact)
-    assert np.all(np.abs(got - exact) <= bound)
-    expected = REFERENCES["MatMulInt4"](inputs, attrs)
-    assert np.all(np.abs(got - expected) <= 2 * bound + U * np.abs(expected))
+    assert_int4_close(got, x, constants, attrs)
 
 
 def test_matmul_int4_nibble_order():
