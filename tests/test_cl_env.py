@@ -1,10 +1,12 @@
-"""ClEnv: programs and kernels built once per (source, defines), thread-safe, build logs surfaced.
+"""ClEnv: programs and kernels built once per (source, defines), thread-safe, build logs surfaced,
+each kernel launched with the LOCAL_SIZE it was built with.
 
 Runs on any OpenCL device (PoCL's CPU device here and in CI); skips with a reason without one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 from polaris_opt import cl_env as cl_env_module
-from polaris_opt.cl_env import ClEnv, open_env, round_up
+from polaris_opt.cl_env import ClEnv, LocalSizeError, open_env, round_up
 from polaris_opt.devices import PROFILES, list_devices
 from polaris_opt.errors import BadInput
 from polaris_opt.probe import KernelBuildError
@@ -38,7 +40,7 @@ def test_no_device_gives_none(monkeypatch):
 
 
 @needs_opencl
-def test_open_env_uses_the_device_profile_and_fixed_local_size(env):
+def test_open_env_uses_the_device_profile_and_its_default_local_size(env):
     assert env.profile == env.device.profile
     assert env.queue.context == env.context
     assert env.local_size == max(64, env.profile.wavefront)
@@ -113,3 +115,81 @@ def test_enqueue_rounds_the_global_size_up_and_runs(env):
     kernel = env.kernel("probe.cl", "probe_axpy")
     env.enqueue(kernel, (size,), np.float32(2.0), x_dev.data, y_dev.data, np.uint32(size))
     np.testing.assert_allclose(y_dev.get(), 2 * x + y, rtol=1e-6, atol=1e-6)
+
+
+def axpy(env, kernel, size: int = 1003) -> None:
+    """y = 2x + y through `kernel` (probe_axpy) over `size` values, checked against NumPy."""
+    import pyopencl.array as cl_array
+
+    rng = np.random.default_rng(size)
+    x, y = rng.standard_normal((2, size), dtype=np.float32)
+    x_dev, y_dev = cl_array.to_device(env.queue, x), cl_array.to_device(env.queue, y)
+    env.enqueue(kernel, (size,), np.float32(2.0), x_dev.data, y_dev.data, np.uint32(size))
+    np.testing.assert_allclose(y_dev.get(), 2 * x + y, rtol=1e-6, atol=1e-6)
+
+
+def compiled_local_size(env, kernel) -> int:
+    """The reqd_work_group_size the device compiled into `kernel` (the driver's own record)."""
+    import pyopencl as cl
+
+    info = cl.kernel_work_group_info.COMPILE_WORK_GROUP_SIZE
+    return kernel.get_work_group_info(info, env.device.handle)[0]
+
+
+@needs_opencl
+@pytest.mark.parametrize("profile", [None, "polaris"])
+def test_a_local_size_override_is_the_kernels_own(profile):
+    env = open_env(profile=profile)
+    default = env.kernel("probe.cl", "probe_axpy")
+    assert env.local_size_of(default) == env.local_size == compiled_local_size(env, default)
+    for size in (16, 256):
+        kernel = env.kernel("probe.cl", "probe_axpy", {"LOCAL_SIZE": str(size)})
+        assert kernel is not default
+        assert env.local_size_of(kernel) == size == compiled_local_size(env, kernel)
+        assert env.local_size_for({"LOCAL_SIZE": str(size)}) == size
+        axpy(env, kernel)  # the driver refuses any other local size (INVALID_WORK_GROUP_SIZE)
+    assert env.local_size == max(64, env.profile.wavefront)  # the default did not move
+    axpy(env, default)
+
+
+@needs_opencl
+def test_a_kernel_made_elsewhere_launches_with_the_default(env):
+    import pyopencl as cl
+
+    foreign = cl.Kernel(env.program("probe.cl"), "probe_axpy")
+    assert env.local_size_of(foreign) == env.local_size
+    axpy(env, foreign)
+
+
+@needs_opencl
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("48", "LOCAL_SIZE must be a power of two such as 64; got '48'"),
+        ("0", "must be a power of two"),
+        ("sixty-four", "must be a power of two"),
+        ("twice the device's largest", "LOCAL_SIZE {twice} exceeds the largest work-group of '.*' "),
+    ],
+)
+def test_an_unusable_local_size_is_a_clear_error(env, value, message):
+    most = env.device.max_work_group_size
+    if value.startswith("twice"):
+        value, message = str(2 * most), message.format(twice=2 * most) + rf"\({most}\); use {most} or less"
+    with pytest.raises(LocalSizeError, match=message) as caught:
+        env.kernel("probe.cl", "probe_axpy", {"LOCAL_SIZE": value})
+    assert caught.value.exit_code == 2  # a BadInput: one clear line from the CLI
+    with pytest.raises(LocalSizeError, match=message):
+        env.local_size_for({"LOCAL_SIZE": value})
+    assert env.cached_programs() == 0  # refused before building
+
+
+@needs_opencl
+def test_a_local_size_above_the_kernels_own_limit_is_a_clear_error(env):
+    # A GPU may allow one kernel fewer work-items than the device; PoCL allows every kernel its
+    # device maximum, so a device claiming twice that exposes the per-kernel check.
+    most = env.device.max_work_group_size
+    env.device = dataclasses.replace(env.device, max_work_group_size=2 * most)
+    with pytest.raises(
+        LocalSizeError, match=f"probe_axpy: LOCAL_SIZE {2 * most} exceeds the {most} work-items"
+    ):
+        env.kernel("probe.cl", "probe_axpy", {"LOCAL_SIZE": str(2 * most)})

@@ -1,4 +1,4 @@
-"""`polaris-opt tune`: time the SparseMatMul kernels' tile shapes on a device and cache the fastest."""
+"""`polaris-opt tune`: time each kernel's work-group sizes and tile shapes on a device; cache the fastest."""
 
 from __future__ import annotations
 
@@ -12,8 +12,16 @@ from rich.table import Table
 
 from polaris_opt.cli.options import DebugFlag, DeviceOpt, JsonFlag, QuietFlag
 
+COLUMNS = ("kernel", "batch", "K", "tile", "group", "ms", "default", "gain")
+NUMBERS = ("group", "ms", "default", "gain")  # right-aligned, never wrapped
+
 QuickFlag = Annotated[
-    bool, typer.Option("--quick", help="Tune csr with fp32 values and K ≤ 256 only, with fewer timed runs.")
+    bool,
+    typer.Option(
+        "--quick",
+        help="Tune K ≤ 256 only (sparse kernels: csr with fp32 values), with the work-group sizes "
+        "next to the default and fewer timed runs.",
+    ),
 ]
 TuneCacheOpt = Annotated[
     Path | None,
@@ -33,10 +41,11 @@ def tune(
     quiet: QuietFlag = False,
     debug: DebugFlag = False,
 ) -> None:
-    """Try tile shapes of each sparse kernel on the device and cache the fastest correct one.
+    """Try work-group sizes and tile shapes of each kernel on the device and cache the fastest correct one.
 
-    The cache is keyed by device, driver, kernel and shape class (batch and K); SparseMatMul and
-    SparseConv launchers use it when present.
+    Kernels: SparseMatMul/SparseConv (per format and value type), QMatMul/QGemm and MatMulInt4.
+
+    Cached per device, driver, kernel and shape class (batch, K); the runtime's launchers use it if present.
     """
     # Imported here so `polaris-opt --help` never loads pyopencl.
     from polaris_opt import tuning
@@ -55,6 +64,7 @@ def tune(
         "device": env.device.name,
         "driver": env.device.driver_version,
         "profile": env.profile.name,
+        "default_local_size": env.local_size,
         "cache_file": str(path),
         "results": rows,
     }
@@ -74,30 +84,34 @@ def _row(result) -> dict[str, Any]:
 def _render(console: Console, data: dict[str, Any]) -> None:
     console.print(f"[bold]{data['device']}[/] (driver {data['driver']}, profile {data['profile']})")
     table = Table()
-    for column in ("kernel", "batch", "K", "chosen", "ms", "default", "gain"):
-        table.add_column(
-            column, justify="right" if column in ("ms", "default", "gain") else "left", no_wrap=True
-        )
+    for column in COLUMNS:
+        number = column in NUMBERS
+        table.add_column(column, justify="right" if number else "left", no_wrap=number)
     for row in data["results"]:
-        chosen = _defines_text(row["best"])
         table.add_row(
             row["kernel"].split("/", 1)[1],  # the profile is in the heading
             row["batch"],
             row["bucket"],
-            chosen,
+            _tile_text(row["best"]),
+            "-" if row["local_size"] is None else str(row["local_size"]),
             _ms(row["best_ms"]),
             _ms(row["default_ms"]),
             f"{row['speedup']:.2f}×" if row["speedup"] else "-",
         )
     console.print(table)
-    console.print("[dim]ms: the chosen candidate's fastest run; default: the launcher's own choice[/]")
+    console.print(
+        f"[dim]tile: the chosen tile defines; group: its work-group size (profile default "
+        f"{data['default_local_size']}); ms: the lower quartile of its timed runs; default: the same "
+        "for the launcher's own choice[/]"
+    )
     console.print(f"[dim]cached in {data['cache_file']}[/]")
 
 
-def _defines_text(defines: dict[str, str] | None) -> str:
+def _tile_text(defines: dict[str, str] | None) -> str:
     if defines is None:
         return "[red]none correct[/]"
-    return " ".join(f"{name}={value}" for name, value in defines.items()) or "default"
+    tile = {name: value for name, value in defines.items() if name != "LOCAL_SIZE"}
+    return " ".join(f"{name}={value}" for name, value in tile.items()) or "default"
 
 
 def _ms(value: float | None) -> str:

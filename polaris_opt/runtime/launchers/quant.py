@@ -15,6 +15,10 @@ Both GEMM kernels come in two layouts chosen by the device profile: one work-ite
 feature (`row_per_work_item`, PoCL) or one work-group per output feature (GPUs). Batch rows go in
 tiles of up to MAX_TILE_M, so each weight read serves the whole tile; batch 1 builds the TILE_M=1
 variant, whose inner loop is the memory-bound GEMV.
+
+`polaris-opt tune` may have measured a better work-group size (LOCAL_SIZE) and, for large
+batches, TILE_M for the GEMM kernel of a shape class on this device; `tuning.tuned_for` reads
+them when the launcher is built. Global sizes follow each kernel's own local size.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import math
 
 import numpy as np
 
+from polaris_opt import tuning
 from polaris_opt.cl_env import ClEnv
 from polaris_opt.errors import BadInput
 from polaris_opt.ops import complete_attributes
@@ -51,10 +56,41 @@ def tile_rows(rows: int) -> int:
     return min(MAX_TILE_M, 1 << max(rows - 1, 0).bit_length())
 
 
-def gemm_global_size(env: ClEnv, rows: int, tiles: int) -> tuple[int, int]:
-    """Work-items of a GEMM launch: one per output row (cpu) or one work-group per row (GPU)."""
-    per_row = 1 if env.profile.row_per_work_item else env.local_size
+def gemm_global_size(env: ClEnv, kernel, rows: int, tiles: int) -> tuple[int, int]:
+    """Work-items of a GEMM launch: one per output row (cpu) or one work-group of the kernel's
+    local size per row (GPU)."""
+    per_row = 1 if env.profile.row_per_work_item else env.local_size_of(kernel)
     return rows * per_row, tiles
+
+
+class TunedGemm:
+    """One launcher's GEMM kernel, built per batch class with what `polaris-opt tune` measured best
+    for that shape class on this device (TILE_M, LOCAL_SIZE), else the defaults."""
+
+    def __init__(self, env: ClEnv, source: str, name: str, k: int):
+        self.env, self.source, self.name = env, source, name
+        self.tuned = tuning.tuned_for(env, tuning.kernel_key(env.profile.name, name), k)
+        self._kernels: dict[tuple[str, int], object] = {}  # (batch class, TILE_M) -> kernel
+
+    def tile(self, rows: int) -> int:
+        """Batch rows per tile: the tuned TILE_M of this batch class, else `tile_rows(rows)`."""
+        return int(self.tuned.get(tuning.batch_class(rows), {}).get("TILE_M", tile_rows(rows)))
+
+    def kernel(self, rows: int):
+        """The kernel for a batch of `rows` rows (built once per batch class and tile)."""
+        key = (tuning.batch_class(rows), self.tile(rows))
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            defines = {**self.tuned.get(key[0], {}), "TILE_M": str(key[1])}
+            kernel = self.env.kernel(self.source, self.name, defines)
+            self._kernels[key] = kernel
+        return kernel
+
+    def enqueue(self, rows: int, features: int, *args) -> None:
+        """Launch over `features` output features and the tiles of `rows` batch rows."""
+        kernel = self.kernel(rows)
+        tiles = -(-rows // self.tile(rows))
+        self.env.enqueue(kernel, gemm_global_size(self.env, kernel, features, tiles), *args)
 
 
 def _buffer(array):
@@ -101,6 +137,8 @@ class QMatMul(Launcher):
         self.quantize_dynamic_small = env.kernel(QMATMUL_SOURCE, "quantize_dynamic_small")
         self.range_partial = env.kernel(QMATMUL_SOURCE, "range_partial")
         self.dynamic_params = env.kernel(QMATMUL_SOURCE, "dynamic_params")
+        name = "qgemm_rows" if env.profile.row_per_work_item else "qgemm_wave"
+        self.gemm = TunedGemm(env, QMATMUL_SOURCE, name, self.cols)
 
     def launch(self, inputs):
         self._refuse_dynamic_params(inputs)
@@ -142,7 +180,8 @@ class QMatMul(Launcher):
             params = self.empty((2,))
             if count <= ONE_GROUP_RANGE:
                 args = (x.data, count, params.data, x_q.data)
-                self.env.enqueue(self.quantize_dynamic_small, (self.env.local_size,), *args)
+                one_group = (self.env.local_size_of(self.quantize_dynamic_small),)
+                self.env.enqueue(self.quantize_dynamic_small, one_group, *args)
                 return params
             self._measure_range(x, count, params)
         self.env.enqueue(self.quantize_static, (int(count),), x.data, count, params.data, x_q.data)
@@ -150,21 +189,19 @@ class QMatMul(Launcher):
 
     def _measure_range(self, x, count: np.uint32, params) -> None:
         """Scale and zero point of a large X into the device buffer `params`, in two passes."""
-        local = self.env.local_size
+        local = self.env.local_size_of(self.range_partial)
         groups = min(RANGE_GROUPS, -(-int(count) // local))
         partial = self.empty((groups, 2))
         self.env.enqueue(self.range_partial, (groups * local,), x.data, count, partial.data)
-        self.env.enqueue(self.dynamic_params, (local,), partial.data, np.uint32(groups), params.data)
+        one_group = (self.env.local_size_of(self.dynamic_params),)
+        self.env.enqueue(self.dynamic_params, one_group, partial.data, np.uint32(groups), params.data)
 
     def _gemm(self, x_q, params, rows: int, y) -> None:
-        tile = tile_rows(rows)
-        name = "qgemm_rows" if self.env.profile.row_per_work_item else "qgemm_wave"
-        kernel = self.env.kernel(QMATMUL_SOURCE, name, {"TILE_M": str(tile)})
         has_bias = np.int32(self.bias is not None)
         sizes = (np.uint32(rows), np.uint32(self.rows), np.uint32(self.cols))
         weight = (self.w_q.data, self.w_sum.data, self.w_scale.data, _buffer(self.bias))
         args = (x_q.data, *weight, params.data, self.alpha, has_bias, self.relu, *sizes, y.data)
-        self.env.enqueue(kernel, gemm_global_size(self.env, self.rows, -(-rows // tile)), *args)
+        self.gemm.enqueue(rows, self.rows, *args)
 
 
 @register
@@ -218,20 +255,19 @@ class MatMulInt4(Launcher):
         self.scales = self.upload(scales)
         self.zero_points = self.upload(zero_points)
         self.bias = self.upload(None if bias is None else checked_bias(bias, self.rows, self.op_type))
+        name = "matmul_int4_rows" if env.profile.row_per_work_item else "matmul_int4_wave"
+        self.gemm = TunedGemm(env, INT4_SOURCE, name, self.cols)
 
     def launch(self, inputs):
         x, leading, rows = _activations(self, inputs, self.cols)
         y = self.empty((*leading, self.rows))
         if rows == 0:
             return y
-        tile = tile_rows(rows)
-        name = "matmul_int4_rows" if self.env.profile.row_per_work_item else "matmul_int4_wave"
-        kernel = self.env.kernel(INT4_SOURCE, name, {"TILE_M": str(tile)})
         weight = (self.packed.data, self.scales.data, _buffer(self.zero_points))
         flags = (np.int32(self.zero_points is not None), _buffer(self.bias), np.int32(self.bias is not None))
         sizes = (np.uint32(rows), np.uint32(self.rows), np.uint32(self.cols), np.uint32(self.block_size))
         args = (x.data, *weight, *flags, *sizes, y.data)
-        self.env.enqueue(kernel, gemm_global_size(self.env, self.rows, -(-rows // tile)), *args)
+        self.gemm.enqueue(rows, self.rows, *args)
         return y
 
     def cost(self, input_shapes):
