@@ -20,8 +20,21 @@ demo: $(STAMP)
 	$(CLI) inspect build/resnet_s.int8.onnx --top 8
 	$(CLI) prune models/resnet_s.onnx --structured channel --sparsity 0.5 --correct --calib models/resnet_s.calib.npz -o build/resnet_s.pruned.onnx
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest -q
+
+# tests/test_report_browser.py screenshots a report in headless Chromium. Debian's package is
+# installed when it is missing and this is root with apt-get; when that cannot be done or fails,
+# `make test` goes on and that test skips, saying why.
+.PHONY: chromium
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the report screenshot test"; \
+	    (export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && \
+	     apt-get install -y -qq --no-install-recommends chromium) >/dev/null 2>&1 || \
+	    echo "could not install chromium: tests/test_report_browser.py will skip"; \
+	  else echo "no chromium and no apt-get as root: tests/test_report_browser.py will skip"; fi; }
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_foundation.py

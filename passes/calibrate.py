@@ -6,8 +6,8 @@ whole data set. The ranges go to `ctx.calibration` for the passes after this one
 the graph itself is not changed.
 
 With a cache folder and data that can be hashed, the statistics are stored under a key of
-(model bytes, data fingerprint, method, bins): a second run on the same model and data (a CI
-re-run) loads them and does not start ONNX Runtime at all.
+(model bytes, data fingerprint, method, bins, ONNX Runtime version): a second run on the same
+model and data (a CI re-run) loads them and does not start ONNX Runtime at all.
 """
 
 from __future__ import annotations
@@ -123,8 +123,13 @@ class Calibrate(Pass):
         fingerprint = ctx.calib.fingerprint()
         if ctx.cache_dir is None or fingerprint is None:
             return None
+        import onnxruntime
+
         key = hashlib.sha256(model.SerializeToString())
-        for part in (fingerprint, self.method.value, str(self.bins), str(FILE_FORMAT)):
+        # ONNX Runtime computes the activations: another version may round them differently, and
+        # a cache restored in CI after an upgrade must not make the output differ from a cold run.
+        runtime = f"onnxruntime {onnxruntime.__version__}"
+        for part in (fingerprint, self.method.value, str(self.bins), str(FILE_FORMAT), runtime):
             key.update(b"\0" + part.encode())
         return Path(ctx.cache_dir) / f"calibration-{key.hexdigest()[:32]}.npz"
 

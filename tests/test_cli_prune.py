@@ -14,6 +14,7 @@ from test_cli_compile import MODELS, one_line_error, polaris
 
 from polaris_opt.cli import main
 from polaris_opt.numerics import run_model
+from polaris_opt.report.files import strict
 
 MLP = MODELS / "digits_mlp.onnx"
 MLP_CALIB = MODELS / "digits_mlp.calib.npz"
@@ -47,7 +48,10 @@ def test_json_document_agrees_with_the_saved_file(tmp_path):
     result = polaris("prune", MLP, *args, "-o", out)
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
-    assert json.loads(report_file.read_text()) == document
+    # The shared report keeps the command's result as is (strict JSON: no infinities) under "result".
+    report = json.loads(report_file.read_text())
+    assert report["polaris_opt_report"] == 1 and report["command"] == "prune"
+    assert report["result"] == strict(document)
     for key in ("input", "output", "pipeline", "kind", "changed", "layers", "skipped", "totals", "fidelity"):
         assert key in document
     assert document["pipeline"] == "cleanup,prune{sparsity=0.9,method=magnitude}"
@@ -148,7 +152,7 @@ def test_no_cleanup_runs_the_pass_alone(tmp_path):
             "--structured filter does not combine with --method",
         ),
         (["--structured", "row"], "--structured must be one of channel, filter, head"),
-        (["--report", "r.txt"], "--report r.txt: give a .json file name"),
+        (["--report", "r.txt"], "--report r.txt: give a .html or .json file name"),
         (["--calib", "missing.npz"], "missing.npz"),
         (["--eval", "missing.npz"], "--eval missing.npz: not a readable .npz"),
     ],

@@ -78,6 +78,9 @@ def _register_commands() -> None:
     from polaris_opt.cli import tune_cmd
 
     app.command("tune")(tune_cmd.tune)
+    from polaris_opt.cli import report_cmd
+
+    app.command("report")(report_cmd.report)
 
 
 _register_commands()

@@ -54,7 +54,7 @@ CacheDirOpt = Annotated[
     typer.Option(
         "--cache-dir",
         rich_help_panel=CALIBRATION,
-        help="Cache calibration statistics here (default: the user cache folder).",
+        help="Cache calibration statistics (and compile's gate outputs) here; default: the user cache.",
     ),
 ]
 NoCacheFlag = Annotated[

@@ -18,3 +18,10 @@ DeviceOpt = Annotated[
     str | None,
     typer.Option("--device", envvar="POLARIS_DEVICE", help="OpenCL device: an index or a name substring."),
 ]
+# Shared by every optimizing command (quantize, prune, sparsify, compile): polaris_opt.report.
+ReportOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--report", help="Write a report: FILE.html (self-contained, charts) and/or FILE.json; repeatable."
+    ),
+]

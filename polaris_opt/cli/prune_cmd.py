@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -22,7 +20,15 @@ from polaris_opt.cli.calib_options import (
     StdOpt,
     ThreadsOpt,
 )
-from polaris_opt.cli.options import DebugFlag, ForceFlag, JsonFlag, ModelArg, OutputOpt, QuietFlag
+from polaris_opt.cli.options import (
+    DebugFlag,
+    ForceFlag,
+    JsonFlag,
+    ModelArg,
+    OutputOpt,
+    QuietFlag,
+    ReportOpt,
+)
 
 # Help panels, so `prune --help` reads by topic.
 WHAT = "What to prune"
@@ -132,10 +138,6 @@ EvalOpt = Annotated[
         help="Labelled data (.npz: the model's inputs + 'labels'): top-1 accuracy before and after.",
     ),
 ]
-ReportOpt = Annotated[
-    Path | None,
-    typer.Option("--report", rich_help_panel=RESULT, help="Also write the result as JSON to FILE.json."),
-]
 NoCleanupFlag = Annotated[
     bool,
     typer.Option(
@@ -185,8 +187,11 @@ def prune(
     from polaris_opt.graph_io import check_output_path
     from polaris_opt.pruning.api import PruneOptions
     from polaris_opt.pruning.api import prune as run_prune
+    from polaris_opt.report import check_report_paths, write_reports
+    from polaris_opt.report.commands import prune_report
 
     out = OUTPUT.merged(json=json, quiet=quiet, debug=debug)
+    check_report_paths(report, model, output)
     options = PruneOptions(
         sparsity=sparsity,
         method=method,
@@ -205,8 +210,6 @@ def prune(
     options.check(has_calibration=calib is not None)
     image = image_spec(size, mean, std, layout, bgr)
     check_output_path(output, input_path=model, force=force)
-    if report is not None:
-        _check_report_path(report, model, output)
     result = run_prune(
         model,
         output,
@@ -226,36 +229,15 @@ def prune(
     summary = {"input": str(model), "output": str(output), **result.report, "warnings": result.warnings}
     summary["input_bytes"], summary["output_bytes"] = model.stat().st_size, output.stat().st_size
     summary["size_ratio"] = summary["output_bytes"] / max(summary["input_bytes"], 1)
-    if report is not None:
-        _write_json(report, summary)
+    if report:
+        calib_options = {"batch_size": batch_size, "limit": limit, "image": image}
+        document = prune_report(
+            model, output, summary, calib=calib, calib_options=calib_options, threads=threads
+        )
+        write_reports(document, report)
     out.result(summary, lambda console: render(console, summary))
-
-
-def _check_report_path(report: Path, model: Path, output: Path) -> None:
-    from polaris_opt.errors import BadInput
-
-    if report.suffix.lower() != ".json":
-        raise BadInput(f"--report {report}: give a .json file name")
-    if not (report.parent if str(report.parent) else Path(".")).is_dir():
-        raise BadInput(f"--report {report}: folder {report.parent} does not exist")
-    if report.resolve() in (model.resolve(), output.resolve()):
-        raise BadInput(f"--report {report}: is the input or the output model; give another file name")
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """The JSON document, written whole or not at all (a temporary file beside it, then a rename)."""
-    import json
-
-    from polaris_opt.cli.output import _jsonable
-
-    parent = path.parent if str(path.parent) else Path(".")
-    with tempfile.NamedTemporaryFile("w", dir=parent, prefix=f".{path.name}.", delete=False) as handle:
-        try:
-            json.dump(data, handle, indent=2, default=_jsonable)
-        except BaseException:
-            os.unlink(handle.name)
-            raise
-    os.replace(handle.name, path)
+    for path in report or []:
+        out.note(f"wrote report {path}")
 
 
 # ------------------------------------------------------------------------------- rendering

@@ -20,7 +20,15 @@ from polaris_opt.cli.calib_options import (
     StdOpt,
     ThreadsOpt,
 )
-from polaris_opt.cli.options import DebugFlag, ForceFlag, JsonFlag, ModelArg, OutputOpt, QuietFlag
+from polaris_opt.cli.options import (
+    DebugFlag,
+    ForceFlag,
+    JsonFlag,
+    ModelArg,
+    OutputOpt,
+    QuietFlag,
+    ReportOpt,
+)
 
 # Help panels, so `quantize --help` reads by topic.
 MODE = "What to quantize to"
@@ -150,6 +158,7 @@ def quantize(
     max_top1_drop: MaxDropOpt = None,
     eval_data: EvalOpt = None,
     save_recipe: SaveRecipeOpt = None,
+    report: ReportOpt = None,
     batch_size: BatchSizeOpt = 16,
     limit: LimitOpt = None,
     size: SizeOpt = None,
@@ -170,8 +179,11 @@ def quantize(
     from polaris_opt.cli.calib_options import cache_folder, image_spec
     from polaris_opt.graph_io import check_output_path, load_model, save_model
     from polaris_opt.quantization import QuantizeOptions, load_eval_data, quantize
+    from polaris_opt.report import check_report_paths, write_reports
+    from polaris_opt.report.commands import quantize_report
 
     out = OUTPUT.merged(json=json, quiet=quiet, debug=debug)
+    check_report_paths(report, model, output)
     options = QuantizeOptions(
         mode=_mode(int8, fp16, int4, dynamic),
         method=method,
@@ -211,7 +223,23 @@ def quantize(
     summary = {"input": str(model), "output": str(output), **result.report, "warnings": result.warnings}
     summary["input_bytes"], summary["output_bytes"] = model.stat().st_size, output.stat().st_size
     summary["size_ratio"] = summary["output_bytes"] / max(summary["input_bytes"], 1)
+    if report:
+        calib_options = {"batch_size": batch_size, "limit": limit, "image": image}
+        with out.progress("measuring layers for the report", total=None):
+            document = quantize_report(
+                model,
+                output,
+                summary,
+                source=source,
+                quantized=result.model,
+                calib=calib,
+                calib_options=calib_options,
+                threads=threads,
+            )
+        write_reports(document, report)
     out.result(summary, lambda console: render(console, summary))
+    for path in report or []:
+        out.note(f"wrote report {path}")
     mixed = result.report.get("mixed_precision")
     if mixed is not None and not mixed["reached"]:
         from polaris_opt.errors import GateFailed

@@ -332,7 +332,9 @@ def _describe(
     plan.scalable = plan.batchnorm is None and len(consumers(node.inputs[1])) == 1
     if pruned_types.get(plan.measured) != onnx.TensorProto.FLOAT:
         return f"output '{plan.measured}' is not a float32 tensor of the main graph"
-    for name in {plan.measured, plan.compared}:
+    # In order, not as a set: a set of strings iterates in a per-process order, so the reason
+    # given for a skipped layer (in --json and reports) would differ from run to run.
+    for name in dict.fromkeys((plan.measured, plan.compared)):
         if dense_types.get(name) != onnx.TensorProto.FLOAT:
             return f"no float32 tensor '{name}' in the dense model to compare with"
     return None
