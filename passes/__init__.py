@@ -26,6 +26,7 @@ PASSES: dict[str, str] = {
     "prune": "polaris_opt.passes.prune:Prune",
     "prune-structured": "polaris_opt.passes.prune_structured:PruneStructured",
     "lower": "polaris_opt.passes.lower:Lower",
+    "merge-sibling-matmuls": "polaris_opt.passes.merge_sibling_matmuls:MergeSiblingMatMuls",
     "sparsify": "polaris_opt.passes.sparsify:Sparsify",
 }
 

@@ -43,7 +43,7 @@ def test_json_document_agrees_with_the_saved_model(pruned_cnn, tmp_path, capsys)
     code, stdout, stderr = sparsify(capsys, pruned_cnn, "-o", out, "--int8", "--json")
     assert code == 0, stderr
     document = json.loads(stdout)
-    assert document["pipeline"] == "cleanup,sparsify{values=int8}"
+    assert document["pipeline"] == "cleanup,merge-sibling-matmuls{min-sparsity=0.5},sparsify{values=int8}"
     assert document["output_bytes"] == out.stat().st_size < document["input_bytes"]
     saved = onnx.load(out)
     by_name = {node.name: node for node in saved.graph.node if node.domain == DOMAIN}
@@ -69,7 +69,7 @@ def test_table_names_each_layer_and_its_format(pruned_cnn, tmp_path, capsys):
     # Rich folds long cells at 80 columns: look for short pieces.
     for text in ("/conv1/Conv", "/conv2/Conv", "/fc/Gemm", "SparseConv", "fp32", "profile polaris"):
         assert text in stdout
-    assert "cleanup,sparsify{profile=polaris}" in stdout
+    assert "cleanup,merge-sibling-matmuls{min-sparsity=0.5},sparsify{profile=polaris}" in stdout
 
 
 def test_onnxruntime_target_writes_a_smaller_model_stock_ort_runs(pruned_cnn, tmp_path, capsys):
@@ -98,7 +98,10 @@ def test_exclude_and_min_sparsity_reach_the_pass(pruned_cnn, tmp_path, capsys):
     code, stdout, _ = sparsify(capsys, pruned_cnn, "-o", tmp_path / "out.onnx", *args)
     assert code == 0
     document = json.loads(stdout)
-    assert document["pipeline"] == "sparsify{min-sparsity=0.8,exclude=/fc/*;/conv1/Conv}"
+    assert document["pipeline"] == (
+        "merge-sibling-matmuls{min-sparsity=0.8,exclude=/fc/*;/conv1/Conv},"
+        "sparsify{min-sparsity=0.8,exclude=/fc/*;/conv1/Conv}"
+    )
     assert [row["layer"] for row in document["layers"]] == ["/conv2/Conv"]
     assert {row["name"] for row in document["skipped"]} == {"/fc/Gemm", "/conv1/Conv"}
 

@@ -106,6 +106,28 @@ def mixed_models() -> tuple[onnx.ModelProto, onnx.ModelProto]:
 MIXED, DENSE = mixed_models()
 
 
+def fan_out_models() -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """x → Tanh = t → SMM(csr) = a and SMM(csr) = b: two polaris steps in a row read one upload."""
+    nodes, weights, dense_nodes, dense_weights = [helper.make_node("Tanh", ["x"], ["t"])], [], [], []
+    for name, rows in (("a", 24), ("b", 16)):
+        node, initializers, w = sparse_matmul(f"smm_{name}", "t", name, sparse_weight(rows, 64), "csr")
+        nodes.append(node)
+        weights += initializers
+        twin, twin_weights = dense_matmul(f"smm_{name}", "t", name, w)
+        dense_nodes += twin
+        dense_weights += twin_weights
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])]
+    outputs = [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", r]) for n, r in (("a", 24), ("b", 16))
+    ]
+    return make_model(nodes, weights, inputs, outputs), make_model(
+        [nodes[0], *dense_nodes], dense_weights, inputs, outputs
+    )
+
+
+FAN_OUT, FAN_OUT_DENSE = fan_out_models()
+
+
 def feeds(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(seed).standard_normal((batch, 64), dtype=np.float32)}
 
@@ -164,26 +186,61 @@ def test_device_placement_equals_ort_and_host(device_session, host_session, batc
         assert relative_error(host_value, device_value) <= 1e-5
 
 
+class CopySpy:
+    """Records every pyopencl.enqueue_copy: (direction, host shape, blocking, device buffer address)."""
+
+    def __init__(self, monkeypatch):
+        import pyopencl as cl
+
+        self.copies: list[tuple[str, tuple, bool, int]] = []
+        self._copy = cl.enqueue_copy
+        monkeypatch.setattr(cl, "enqueue_copy", self)
+
+    def __call__(self, queue, dest, src, **kwargs):
+        import pyopencl as cl
+
+        upload = isinstance(dest, cl.Buffer)
+        host, device = (src, dest) if upload else (dest, src)
+        self.copies.append(
+            ("up" if upload else "down", host.shape, kwargs.get("is_blocking", True), device.int_ptr)
+        )
+        return self._copy(queue, dest, src, **kwargs)
+
+    def of(self, direction: str) -> list[tuple[tuple, bool, int]]:
+        return [copy[1:] for copy in self.copies if copy[0] == direction]
+
+
 def test_activations_stay_on_the_device_between_polaris_nodes(device_session, monkeypatch):
-    import pyopencl.array as cl_array
-
-    uploads, downloads = [], []
-    to_device, get = cl_array.to_device, cl_array.Array.get
-
-    def counted_upload(queue, array, *args, **kwargs):
-        uploads.append(array.shape)
-        return to_device(queue, array, *args, **kwargs)
-
-    def counted_download(self, *args, **kwargs):
-        downloads.append(self.shape)
-        return get(self, *args, **kwargs)
-
-    monkeypatch.setattr(cl_array, "to_device", counted_upload)
-    monkeypatch.setattr(cl_array.Array, "get", counted_download)
+    spy = CopySpy(monkeypatch)
     device_session.run(None, feeds(3))
-    # Up: t (into smm2) and y (into smm4). Down: s3 (Softmax reads it), s2 and z (the caller's).
-    assert uploads == [(3, 48), (3, 24)]
-    assert sorted(downloads) == sorted([(3, 24), (3, 40), (3, 20)])
+    # Up: t (into smm2) and y (into smm4), neither waited for. Down: s3 (Softmax reads it), then
+    # s2 and z (the caller's) read together: one wait, on the last.
+    assert [(shape, blocking) for shape, blocking, _ in spy.of("up")] == [((3, 48), False), ((3, 24), False)]
+    downs = [(shape, blocking) for shape, blocking, _ in spy.of("down")]
+    assert downs == [((3, 24), True), ((3, 40), False), ((3, 20), True)]
+
+
+def test_uploads_reuse_the_threads_staging_arrays_across_runs(device_session, monkeypatch):
+    spy = CopySpy(monkeypatch)
+    for seed in (1, 2):
+        assert_matches_dense(device_session.run(None, feeds(3, seed)), feeds(3, seed))
+    first, second = spy.of("up")[:2], spy.of("up")[2:]
+    assert [address for *_, address in first] == [address for *_, address in second]
+    # a new batch size remakes them, and the results stay right
+    assert_matches_dense(device_session.run(None, feeds(6, 3)), feeds(6, 3))
+    assert_matches_dense(device_session.run(None, feeds(3, 4)), feeds(3, 4))
+
+
+def test_consecutive_runs_never_overwrite_earlier_results(device_session):
+    first = device_session.run(None, feeds(4, seed=10))
+    kept = [value.copy() for value in first]
+    second = device_session.run(None, feeds(4, seed=11))
+    assert_matches_dense(first, feeds(4, seed=10))
+    assert_matches_dense(second, feeds(4, seed=11))
+    for before, after, other in zip(kept, first, second, strict=True):
+        assert np.array_equal(before, after)  # not rewritten by the second run
+        assert not np.array_equal(after, other)
+        assert not np.shares_memory(after, other)
 
 
 def test_concurrent_runs_from_four_threads(device_available):
@@ -205,6 +262,33 @@ def test_concurrent_runs_from_four_threads(device_available):
     for thread in threads:
         thread.join()
     assert failures == []
+
+
+@pytest.mark.parametrize("model, dense", [(MIXED, DENSE), (FAN_OUT, FAN_OUT_DENSE)], ids=["mixed", "fan-out"])
+def test_concurrent_runs_of_one_shape_keep_their_own_buffers(device_available, model, dense):
+    """Four threads, one shape (so shared buffers would collide), new inputs every run. In the
+    fan-out model two launches read one upload, with the device lock released in between."""
+    if not device_available:
+        pytest.skip("no OpenCL device")
+    session = Session(model, placement="device")
+    seeds = {thread: [100 * thread + i for i in range(12)] for thread in range(4)}
+    expected = {seed: run_model(dense, feeds(5, seed)) for run in seeds.values() for seed in run}
+    results: dict[int, list] = {}
+    start = threading.Barrier(4)
+
+    def worker(thread: int) -> None:
+        start.wait()
+        results[thread] = [session.run(None, feeds(5, seed)) for seed in seeds[thread]]
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in seeds]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for thread, run_seeds in seeds.items():
+        for seed, outputs in zip(run_seeds, results[thread], strict=True):
+            for name, got in zip(expected[seed], outputs, strict=True):
+                assert relative_error(expected[seed][name], got) <= 1e-4, (thread, seed, name)
 
 
 def test_auto_placement_follows_the_cost_model(device_available, monkeypatch):

@@ -482,3 +482,39 @@ def test_concurrent_launches_of_one_shape_share_scratch_safely(env):
         results = list(pool.map(lambda x: launch(launcher, x), feeds))
     for x, got in zip(feeds, results, strict=True):
         assert_within(got, x @ w.T, magnitude(x, w, None))
+
+
+@pytest.mark.parametrize("op", ["SparseMatMul", "SparseConv"])
+def test_launch_reusing_keeps_one_output_per_thread_and_launch_never_does(env, op):
+    import pyopencl.array as cl_array
+
+    rng = np.random.default_rng(13)
+    if op == "SparseMatMul":
+        w = random_weight(rng, 24, 40, sparsity=0.7)
+        attrs, shapes = sparse_attrs(from_dense(w, "csr")), [(6, 40), (6, 40), (3, 40)]
+    else:
+        w = conv_weight(rng, 5, 3, (3, 3)).reshape(5, -1)
+        attrs = sparse_attrs(from_dense(w, "csr"), kernel_shape=(3, 3), pads=(1, 1, 1, 1))
+        shapes = [(1, 3, 6, 6), (1, 3, 6, 6), (2, 3, 5, 5)]
+    inputs = sparse_inputs(from_dense(w, "csr"), None)
+    launcher = LAUNCHERS[op](env, attrs, constants_of(inputs))
+    feeds = [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
+
+    def reused(x):
+        return launcher.launch_reusing({0: cl_array.to_device(env.queue, x)})
+
+    first = reused(feeds[0])
+    first_values = first.get()
+    second = reused(feeds[1])
+    assert second is first  # kept: the same shape writes the same array again
+    third = reused(feeds[2])
+    assert third is not first  # a new shape replaces it
+    magnitudes = sparse_inputs(from_dense(np.abs(w), "csr"), None)
+    for x, got in ((feeds[0], first_values), (feeds[1], second.get()), (feeds[2], third.get())):
+        scale = REFERENCES[op]([np.abs(x), *magnitudes], attrs)  # Σ|x|·|w| behind each output
+        assert_within(got, REFERENCES[op]([x, *inputs], attrs), scale)
+    with ThreadPoolExecutor(1) as pool:  # another thread keeps its own
+        elsewhere = pool.submit(reused, feeds[2]).result()
+    assert elsewhere is not reused(feeds[2])
+    fresh = [launcher.launch({0: cl_array.to_device(env.queue, feeds[2])}) for _ in range(2)]
+    assert fresh[0] is not fresh[1] and all(array is not third for array in fresh)

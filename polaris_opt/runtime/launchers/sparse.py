@@ -77,7 +77,7 @@ class DeviceSparseWeight:
         self.defines = self._defines()
         self._spmv, self._spmv_size = self._spmv_kernel()
         self._transpose = env.kernel(SPMM_SOURCE, "transpose", self.defines)
-        self._tile_kernels: dict[int, object] = {}
+        self._tile_kernels: dict[tuple[int, str | None], object] = {}  # (TILE_VECTORS, LOCAL_SIZE)
 
     def _defines(self, tile_vectors: int = 1) -> dict[str, str]:
         defines = {
@@ -99,8 +99,10 @@ class DeviceSparseWeight:
         defines = {**self.defines, **self.tuned.get(tuning.batch_class(1), {})}
         width = int(defines["VEC_WIDTH"])
         if kind == "csr" and not cpu:
-            rows_per_group = self.env.local_size // int(defines["ROW_LANES"])
-            name, size = "csr_spmv_vector", -(-self.rows // rows_per_group) * self.env.local_size
+            local = self.env.local_size_for(defines)  # the kernel's own: a tuned one may be below ROW_LANES
+            defines["ROW_LANES"] = str(min(int(defines["ROW_LANES"]), local))
+            rows_per_group = local // int(defines["ROW_LANES"])
+            name, size = "csr_spmv_vector", -(-self.rows // rows_per_group) * local
         elif kind == "sell" and cpu and self.matrix.slice_height % width == 0:
             name, size = "sell_spmv_rows", -(-self.rows // width)
         else:
@@ -127,12 +129,14 @@ class DeviceSparseWeight:
         """Activation rows one work-item of the tile kernel covers; XT's row length must be a multiple."""
         return self.vec_width * self.tile_vectors(m_total)
 
-    def _tile_kernel(self, tile_vectors: int):
-        kernel = self._tile_kernels.get(tile_vectors)
+    def _tile_kernel(self, tile_vectors: int, m_total: int):
+        local = self.tuned.get(tuning.batch_class(m_total), {}).get("LOCAL_SIZE")  # None: the profile's
+        kernel = self._tile_kernels.get((tile_vectors, local))
         if kernel is None:
             name = f"{self.matrix.format}_spmm_tile"
-            kernel = self.env.kernel(SPMM_SOURCE, name, self._defines(tile_vectors))
-            self._tile_kernels[tile_vectors] = kernel
+            defines = self._defines(tile_vectors) | ({"LOCAL_SIZE": local} if local else {})
+            kernel = self.env.kernel(SPMM_SOURCE, name, defines)
+            self._tile_kernels[(tile_vectors, local)] = kernel
         return kernel
 
     def transpose(self, x, m_total: int, ldx: int, xt) -> None:
@@ -157,7 +161,7 @@ class DeviceSparseWeight:
         head = (np.uint32(self.rows), *self._shape_args(), size)
         args = (*head, *self._matrix_args(), xt, np.uint32(ldx), y, np.uint32(pixels), *self._tail_args())
         tiles = -(-m_total // (self.vec_width * tile_vectors))
-        self.env.enqueue(self._tile_kernel(tile_vectors), (self.block_rows, tiles), *args)
+        self.env.enqueue(self._tile_kernel(tile_vectors, m_total), (self.block_rows, tiles), *args)
 
     def _shape_args(self) -> tuple:
         """The arguments after n_rows: K for bsr (its padded last block column), the slice height for sell."""
@@ -199,13 +203,20 @@ class SparseMatMul(Launcher):
         self._scratch = TransposeScratch(self)
 
     def launch(self, inputs):
+        return self._multiply(inputs, self.empty)
+
+    def launch_reusing(self, inputs):
+        return self._multiply(inputs, self.kept_output)
+
+    def _multiply(self, inputs, output):
+        """Y for `inputs`, written into `output(shape)`: a new array or this thread's kept one."""
         x = self.float_input(inputs, X, "X")
         rows, cols = self.weight.matrix.shape
         if x.ndim == 0 or x.shape[-1] != cols:
             raise BadInput(f"SparseMatMul: X's last axis must be K = {cols}; got shape {x.shape}")
         leading = x.shape[:-1]
         m_total = math.prod(leading)
-        y = self.empty((*leading, rows))
+        y = output((*leading, rows))
         if m_total == 1:
             self.weight.spmv(x.data, y.data)
         elif m_total > 1:
@@ -229,7 +240,8 @@ class TransposeScratch:
     Safe to share because the environment's queue is in-order: a call enqueues its transpose
     and its tile kernel while holding the lock, so the next call's transpose (which overwrites
     XT) runs only after this call's tile kernel has read it, whichever thread enqueues it.
-    The buffer grows to the largest XT seen; only scratch is reused, never an output.
+    The buffer grows to the largest XT seen. Outputs are another matter: `launch` returns a new
+    one each call, `launch_reusing` the calling thread's kept one (Launcher.kept_output).
     """
 
     def __init__(self, launcher: Launcher):
@@ -262,6 +274,13 @@ class SparseConv(Launcher):
         self.im2col = env.kernel(IM2COL_SOURCE, "im2col")
 
     def launch(self, inputs):
+        return self._convolve(inputs, self.empty)
+
+    def launch_reusing(self, inputs):
+        return self._convolve(inputs, self.kept_output)
+
+    def _convolve(self, inputs, output):
+        """Y for `inputs`, written into `output(shape)`: a new array or this thread's kept one."""
         x = self.float_input(inputs, X, "X")
         g = self.geometry
         if x.ndim != 4 or x.shape[1] != g.channels:
@@ -269,7 +288,7 @@ class SparseConv(Launcher):
         batch, _, height, width = x.shape
         out_h, out_w = g.output_size(height, width)
         pixels = out_h * out_w
-        y = self.empty((batch, self.weight.rows, out_h, out_w))
+        y = output((batch, self.weight.rows, out_h, out_w))
         m_total = batch * pixels
         if m_total == 0:
             return y
