@@ -43,6 +43,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_spmm.py
 	$(PY) benchmarks/bench_qmatmul.py
 	$(PY) benchmarks/bench_runtime.py
+	$(PY) benchmarks/bench_end_to_end.py
+	$(PY) benchmarks/bench_ci.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
