@@ -81,6 +81,9 @@ def _register_commands() -> None:
     from polaris_opt.cli import report_cmd
 
     app.command("report")(report_cmd.report)
+    from polaris_opt.cli import bench_cmd
+
+    app.command("bench")(bench_cmd.bench)
 
 
 _register_commands()
