@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_runtime.py
 	$(PY) benchmarks/bench_end_to_end.py
 	$(PY) benchmarks/bench_ci.py
+	$(PY) benchmarks/bench_bench.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
