@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from polaris_opt.bench.document import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
 
@@ -68,20 +70,10 @@ def machine() -> dict:
     return {
         "date": datetime.date.today().isoformat(),
         "nproc": os.cpu_count(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "python": platform.python_version(),
         "opencl": _opencl_devices(),
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _opencl_devices() -> str:

@@ -316,15 +316,9 @@ def _verify_mode(text: str):
 
 
 def _load_feeds(path: Path) -> dict:
-    import numpy as np
+    from polaris_opt.bench.feeds import load_npz
 
-    from polaris_opt.errors import BadInput
-
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
-    except (OSError, ValueError) as exc:
-        raise BadInput(f"{path}: not a readable .npz of input arrays ({exc})") from None
+    return load_npz(path)
 
 
 def _summary(model: Path, output: Path, result) -> dict:

@@ -74,19 +74,9 @@ def run(
 
 def load_feeds(path: Path) -> dict:
     """The arrays of an .npz file, by name; no pickles (the file may come from a stranger)."""
-    import numpy as np
+    from polaris_opt.bench.feeds import load_npz
 
-    from polaris_opt.errors import BadInput
-
-    if not path.is_file():
-        raise BadInput(f"--input {path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not hasattr(archive, "files"):
-                raise BadInput(f"--input {path}: a single .npy array; give an .npz with one array per input")
-            return {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise BadInput(f"--input {path}: not a readable .npz of input arrays ({exc})") from None
+    return load_npz(path)
 
 
 def write_npz(path: Path, arrays: dict) -> None:
