@@ -49,41 +49,41 @@ def root(
 
 
 def _register_commands() -> None:
+    """Each command under its name, in the order `polaris-opt --help` lists them. The command
+    modules import only typer and rich at the top, so this keeps `--help` fast."""
     from polaris_opt.cli import (
         analyze_cmd,
+        bench_cmd,
         compile_cmd,
         devices_cmd,
         inspect_cmd,
+        lower_cmd,
         passes_cmd,
         prune_cmd,
         quantize_cmd,
+        report_cmd,
+        run_cmd,
+        sparsify_cmd,
+        tune_cmd,
     )
 
-    app.command("quantize")(quantize_cmd.quantize)
-    app.command("compile")(compile_cmd.compile)
-    app.command("inspect")(inspect_cmd.inspect)
-    app.command("devices")(devices_cmd.devices)
-    app.command("passes")(passes_cmd.passes)
-    app.command("analyze")(analyze_cmd.analyze)
-    app.command("prune")(prune_cmd.prune)
-    from polaris_opt.cli import lower_cmd
-
-    app.command("lower")(lower_cmd.lower)
-    from polaris_opt.cli import run_cmd
-
-    app.command("run")(run_cmd.run)
-    from polaris_opt.cli import sparsify_cmd
-
-    app.command("sparsify")(sparsify_cmd.sparsify)
-    from polaris_opt.cli import tune_cmd
-
-    app.command("tune")(tune_cmd.tune)
-    from polaris_opt.cli import report_cmd
-
-    app.command("report")(report_cmd.report)
-    from polaris_opt.cli import bench_cmd
-
-    app.command("bench")(bench_cmd.bench)
+    commands = {
+        "quantize": quantize_cmd.quantize,
+        "compile": compile_cmd.compile,
+        "inspect": inspect_cmd.inspect,
+        "devices": devices_cmd.devices,
+        "passes": passes_cmd.passes,
+        "analyze": analyze_cmd.analyze,
+        "prune": prune_cmd.prune,
+        "lower": lower_cmd.lower,
+        "run": run_cmd.run,
+        "sparsify": sparsify_cmd.sparsify,
+        "tune": tune_cmd.tune,
+        "report": report_cmd.report,
+        "bench": bench_cmd.bench,
+    }
+    for name, command in commands.items():
+        app.command(name)(command)
 
 
 _register_commands()
